@@ -1,0 +1,56 @@
+"""Celery's settings, built from renderq's validated Settings (never copied from app.config)."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from config import Settings
+from config.kinds import longest_hard_time_limit
+
+
+def visibility_timeout(settings: Settings) -> int:
+    # Redis hands an unacknowledged message to another worker after this many seconds. A
+    # retry's countdown is spent *reserved but unacknowledged* inside a worker, so the
+    # timeout must outlast the longest countdown plus the longest attempt, or Redis would
+    # redeliver waiting retries and run them twice. Dead workers are recovered sooner by
+    # the reconciler's lease, not by this timeout.
+    return int(max(3600, max(settings.retry_delays) + longest_hard_time_limit() + 60))
+
+
+def from_settings(settings: Settings) -> dict:
+    return dict(
+        broker_url=settings.redis_url,
+        result_backend=settings.result_backend,
+        result_expires=settings.completed_job_ttl,
+        # Status lives in PostgreSQL; results in Redis would only be read by Flower.
+        task_ignore_result=True,
+        # JSON only: a message is data, never code (pickle would be).
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # Reliability: acknowledge after the attempt, requeue when the worker dies, take one
+        # message at a time so a busy process does not sit on messages others could run.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": visibility_timeout(settings)},
+        # Events feed Flower's task views.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+        enable_utc=True,
+        include=["tasks.jobs", "tasks.sweeps"],
+        beat_schedule={
+            "background-processor": {
+                "task": "renderq.background.process",
+                "schedule": timedelta(milliseconds=settings.background_processing_interval_ms),
+                "options": {"expires": settings.background_processing_interval_ms / 1000},
+            },
+            "reconciler": {
+                "task": "renderq.queue.reconcile",
+                "schedule": timedelta(seconds=settings.queue_check_interval),
+                "options": {"expires": settings.queue_check_interval},
+            },
+        },
+    )

@@ -1,0 +1,40 @@
+"""The job-kind registry: what each kind costs, needs and how long one attempt may take."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STYLES = ("sketch", "sepia", "cartoon", "pixelate", "unfiltered")
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    handler: str  # "module:function" that calls the generator; resolved where it runs
+    price: int
+    needs_photo: bool
+    soft_time_limit: float
+    hard_time_limit: float
+    generator_timeout: float
+
+
+KINDS: dict[str, JobKind] = {
+    kind.name: kind
+    for kind in (
+        JobKind("photo.render", handler="tasks.generator_client:render_photo", price=1, needs_photo=True,
+                soft_time_limit=90, hard_time_limit=120, generator_timeout=60),
+        JobKind("image.generate", handler="tasks.generator_client:generate_image", price=2, needs_photo=False,
+                soft_time_limit=90, hard_time_limit=120, generator_timeout=60),
+    )
+}
+
+
+def get_kind(name: str) -> JobKind:
+    """The registered kind called `name`; KeyError lists the valid ones."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise KeyError("unknown kind %r; valid kinds: %s" % (name, ", ".join(sorted(KINDS)))) from None
+
+
+def longest_hard_time_limit() -> float:
+    return max(kind.hard_time_limit for kind in KINDS.values())

@@ -1,0 +1,38 @@
+"""The Flask app factory."""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional
+
+from flask import Flask
+
+from config import load_settings
+from webapp.extensions import db, migrate
+from webapp.logs import configure_logging
+
+MIGRATIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
+
+
+def create_app(config: Optional[Mapping[str, str]] = None) -> Flask:
+    """Build the app. `config` overrides environment variables (tests pass a mapping)."""
+    settings = load_settings({**os.environ, **(config or {})})
+    app = Flask(__name__)
+    app.extensions["renderq.settings"] = settings
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=settings.database_url,
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True, "pool_size": 5, "max_overflow": 10},
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes + 64 * 1024,  # room for the form's other fields
+        JSON_SORT_KEYS=False,
+    )
+    configure_logging(settings.log_format)
+    db.init_app(app)
+    migrate.init_app(app, db, directory=MIGRATIONS)
+
+    from tasks.base import celery_init_app
+    from webapp import api, cli, errors
+
+    celery_init_app(app)
+    errors.register(app)
+    app.register_blueprint(api.blueprint)
+    cli.register(app)
+    return app

@@ -1,0 +1,63 @@
+"""Bearer-token authentication; tokens are stored as SHA-256 digests, never in clear."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import secrets
+from typing import Callable, TypeVar
+
+from flask import g, request
+from sqlalchemy import select
+
+from webapp.errors import ApiError
+from webapp.extensions import db
+from webapp.models import User
+
+F = TypeVar("F", bound=Callable)
+
+
+def new_token() -> tuple[str, str]:
+    """A fresh token and the digest to store."""
+    token = secrets.token_urlsafe(32)
+    return token, token_digest(token)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _authenticate() -> User:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "UNAUTHORIZED", "Send 'Authorization: Bearer <token>'; create a token with "
+                                            "'flask --app webapp users create'.")
+    user = db.session.execute(select(User).where(User.token_hash == token_digest(token.strip()))).scalar()
+    if user is None:
+        raise ApiError(401, "UNAUTHORIZED", "The bearer token is not valid.")
+    return user
+
+
+def login_required(view: F) -> F:
+    @functools.wraps(view)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        g.user = _authenticate()
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def admin_required(view: F) -> F:
+    @functools.wraps(view)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        g.user = _authenticate()
+        if not g.user.is_admin:
+            raise ApiError(403, "FORBIDDEN", "This endpoint is for administrators.")
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def ensure_owner_or_admin(owner_id: int) -> None:
+    if g.user.id != owner_id and not g.user.is_admin:
+        raise ApiError(403, "FORBIDDEN", "This belongs to another user.")

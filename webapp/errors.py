@@ -1,0 +1,72 @@
+"""Every error response is JSON: {"error": {"code", "message", "request_id"}} (SPEC §5).
+
+Production never shows a stack trace, exception class, SQL or host name; development adds
+a `detail` field. Unexpected errors are logged with the full details beside the request id.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+
+from flask import Flask, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from webapp.logs import current_request_id
+
+log = logging.getLogger(__name__)
+
+class ApiError(Exception):
+    """An error meant for the client: status, stable code and a message that says what to fix."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def request_id() -> str:
+    if "request_id" not in g:
+        g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    return g.request_id
+
+
+def error_response(status: int, code: str, message: str, detail: str | None = None) -> Response:
+    body = {"code": code, "message": message, "request_id": request_id()}
+    if detail is not None and not current_app.extensions["renderq.settings"].production:
+        body["detail"] = detail
+    response = jsonify({"error": body})
+    response.status_code = status
+    return response
+
+
+def _code_for(http_error: HTTPException) -> str:
+    return (http_error.name or "error").upper().replace(" ", "_").replace("'", "")
+
+
+def register(app: Flask) -> None:
+    @app.before_request
+    def _stamp_request_id() -> None:
+        current_request_id.set(request_id())
+
+    @app.after_request
+    def _echo_request_id(response: Response) -> Response:
+        response.headers["X-Request-Id"] = request_id()
+        return response
+
+    @app.errorhandler(ApiError)
+    def _api_error(error: ApiError) -> Response:
+        return error_response(error.status, error.code, error.message)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        if error.code == 413:
+            limit = app.extensions["renderq.settings"].max_upload_bytes
+            return error_response(413, "PAYLOAD_TOO_LARGE", "The upload is larger than MAX_UPLOAD_BYTES (%d bytes)." % limit)
+        return error_response(error.code or 500, _code_for(error), error.description or error.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        log.exception("❌ [ERROR_HANDLER] unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "INTERNAL_ERROR", "Something went wrong on our side; quote the request_id "
+                              "when you report it.", detail="%s: %s" % (type(error).__name__, error))

@@ -1,0 +1,97 @@
+"""The tables: users, photos and jobs (the mirror of every job's state)."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Optional
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, String, Text, func, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from webapp.extensions import db
+
+PENDING = "pending"
+PROCESSING = "processing"
+RETRYING = "retrying"
+PENDING_BACKGROUND_RETRY = "pending_background_retry"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELED = "canceled"
+
+STATUSES = (PENDING, PROCESSING, RETRYING, PENDING_BACKGROUND_RETRY, COMPLETED, FAILED, CANCELED)
+TERMINAL_STATUSES = (COMPLETED, FAILED, CANCELED)
+
+SUCCEEDED = "succeeded"
+BLOCKED = "blocked"
+
+
+def _now_column(**kwargs: Any) -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), **kwargs)
+
+
+class User(db.Model):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(default=False)
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    locale: Mapped[Optional[str]] = mapped_column(String(8))
+    webhook_url: Mapped[Optional[str]] = mapped_column(Text)
+    safety_agreed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now_column()
+
+
+class Photo(db.Model):
+    __tablename__ = "photos"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    path: Mapped[str] = mapped_column(Text)  # relative to MEDIA_ROOT
+    content_type: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int]
+    height: Mapped[int]
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = _now_column()
+
+
+class Job(db.Model):
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    photo_id: Mapped[Optional[uuid.UUID]] = mapped_column(ForeignKey("photos.id", ondelete="SET NULL"))
+    kind: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    price: Mapped[int] = mapped_column(default=0)
+    status: Mapped[str] = mapped_column(String(32), default=PENDING)
+    outcome: Mapped[Optional[str]] = mapped_column(String(16))
+    block_reason: Mapped[Optional[str]] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(default=0)
+    retry_count: Mapped[int] = mapped_column(default=0)
+    next_retry_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    error_code: Mapped[Optional[str]] = mapped_column(String(64))
+    error_detail: Mapped[Optional[str]] = mapped_column(Text)  # internal: never shown to users
+    result_path: Mapped[Optional[str]] = mapped_column(Text)
+    # The claim of the running attempt: a fencing token and a lease the attempt renews.
+    lease_token: Mapped[Optional[uuid.UUID]]
+    lease_expires_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    # Which life of the broker holds this job's message (see tasks.dispatch).
+    broker_epoch: Mapped[Optional[str]] = mapped_column(String(36))
+    published_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now_column()
+    started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = _now_column()
+
+    __table_args__ = (
+        Index("ix_jobs_user_created", "user_id", text("created_at DESC"), text("id DESC")),
+        Index("ix_jobs_photo_created", "photo_id", text("created_at DESC")),
+        Index("ix_jobs_status_kind", "status", "kind"),
+        Index("ix_jobs_pending_queue", "created_at", "id", postgresql_where=text("status = 'pending'")),
+        Index("ix_jobs_due", "status", "next_retry_at",
+              postgresql_where=text("status IN ('pending', 'retrying', 'pending_background_retry')")),
+        Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'processing'")),
+        Index("ix_jobs_completed_at", "completed_at", postgresql_where=text("completed_at IS NOT NULL")),
+    )

@@ -1,0 +1,62 @@
+"""Accepting work: validate, store the photo, insert the job, commit, then publish its id."""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Optional
+
+from config import Settings
+from config.kinds import STYLES, JobKind, get_kind
+from tasks.dispatch import try_publish
+from webapp import storage
+from webapp.errors import ApiError
+from webapp.extensions import db
+from webapp.logs import job_logging
+from webapp.models import Job, Photo, User
+from webapp.uploads import CheckedImage
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 2000
+
+
+def resolve_kind(name: Optional[str], default: str) -> JobKind:
+    try:
+        return get_kind(name or default)
+    except KeyError as error:
+        raise ApiError(400, "INVALID_KIND", str(error.args[0])) from None
+
+
+def check_params(style: Optional[str], prompt: Optional[str]) -> dict:
+    style = style or "sketch"
+    if style not in STYLES:
+        raise ApiError(400, "INVALID_STYLE", "Unknown style %r; valid styles: %s." % (style, ", ".join(STYLES)))
+    prompt = prompt or ""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ApiError(400, "INVALID_PROMPT", "The prompt is longer than %d characters." % MAX_PROMPT_CHARS)
+    return {"style": style, "prompt": prompt}
+
+
+def store_photo(user: User, image: CheckedImage, settings: Settings) -> Photo:
+    photo_id = uuid.uuid4()
+    relative = "photos/%s.%s" % (photo_id, image.extension)
+    storage.save(settings.media_root, relative, image.data)
+    photo = Photo(id=photo_id, user_id=user.id, path=relative, content_type=image.content_type,
+                  width=image.width, height=image.height, size_bytes=len(image.data))
+    db.session.add(photo)
+    return photo
+
+
+def submit(user: User, kind: JobKind, params: dict, photo: Optional[Photo]) -> Job:
+    """Insert the job and commit; publish only after the row is committed (SPEC §11)."""
+    if kind.needs_photo and photo is None:
+        raise ApiError(400, "PHOTO_REQUIRED", "Kind %r needs a photo: upload one in the 'file' field." % kind.name)
+    job = Job(id=uuid.uuid4(), user_id=user.id, photo_id=photo.id if photo else None,
+              kind=kind.name, params=params, price=kind.price)
+    db.session.add(job)
+    db.session.commit()
+    with job_logging(job.id):
+        log.info("📋 [QUEUE] job %s accepted (%s) for user %s", job.id, kind.name, user.id)
+        try_publish(job.id, kind.name)
+    db.session.refresh(job)
+    return job
