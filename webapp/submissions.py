@@ -44,6 +44,7 @@ def store_photo(user: User, image: CheckedImage, settings: Settings) -> Photo:
     photo = Photo(id=photo_id, user_id=user.id, path=relative, content_type=image.content_type,
                   width=image.width, height=image.height, size_bytes=len(image.data))
     db.session.add(photo)
+    db.session.flush()  # the job row refers to it
     return photo
 
 
