@@ -160,12 +160,14 @@ def test_parse_directives():
 
 def test_call_counters(client):
     assert client.get("/v1/calls/never-seen").get_json() == {
-        "job_id": "never-seen", "calls": 0, "in_flight": 0, "max_in_flight": 0}
+        "job_id": "never-seen", "calls": 0, "in_flight": 0, "max_in_flight": 0, "started_at": []}
     for _ in range(3):
         post(client, "job-n", png_bytes(), prompt="[fail:1]")
     post(client, "job-m", png_bytes(), style="nope")
-    assert client.get("/v1/calls/job-n").get_json() == {
-        "job_id": "job-n", "calls": 3, "in_flight": 0, "max_in_flight": 1}
+    counters = client.get("/v1/calls/job-n").get_json()
+    started_at = counters.pop("started_at")
+    assert counters == {"job_id": "job-n", "calls": 3, "in_flight": 0, "max_in_flight": 1}
+    assert len(started_at) == 3 and started_at == sorted(started_at)
     assert client.get("/v1/stats").get_json() == {"calls": 4, "in_flight": 0, "max_in_flight": 1}
 
 
