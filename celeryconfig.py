@@ -33,7 +33,12 @@ def from_settings(settings: Settings) -> dict:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": visibility_timeout(settings)},
+        broker_transport_options={
+            "visibility_timeout": visibility_timeout(settings),
+            # Kombu routes through `_kombu.binding.*` sets that vanish when Redis loses its
+            # data; without a dead-letter queue it would then drop every message silently.
+            "deadletter_queue": "celery",
+        },
         # Events feed Flower's task views.
         worker_send_task_events=True,
         task_send_sent_event=True,

@@ -31,20 +31,10 @@ def redis_client() -> redis.Redis:
     return extensions["renderq.redis"]
 
 
-def declare_queues() -> None:
-    """Re-create the queues' bindings: kombu's Redis transport silently drops messages
-    routed through an exchange whose `_kombu.binding.*` set was lost with the data."""
-    celery = current_celery._get_current_object()
-    with celery.connection_for_write() as connection:
-        for queue in celery.amqp.queues.values():
-            queue(connection.default_channel).declare()
-
-
 def broker_epoch() -> str:
     client = redis_client()
     if client.set(EPOCH_KEY, str(uuid.uuid4()), nx=True):
         log.info("📋 [QUEUE] a new broker epoch began (first start, or Redis lost its data)")
-        declare_queues()
     return client.get(EPOCH_KEY).decode()
 
 

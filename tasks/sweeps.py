@@ -41,7 +41,6 @@ def reconcile() -> None:
                 record_transient(claim, "WORKER_LOST", "the attempt's worker stopped renewing its lease", 0, config)
             except RetryLater as retry:
                 dispatch.publish_attempt(claim.job_id, claim.kind, countdown=retry.countdown)
-    dispatch.declare_queues()
     grace = timedelta(seconds=max(30.0, 3 * config.queue_check_interval))
     now = datetime.now(timezone.utc)
     for job_id, kind, next_retry_at in lifecycle.unpublished(dispatch.broker_epoch(), grace):

@@ -1,0 +1,169 @@
+"""The real stack for the tests: a database of their own on DATABASE_URL's server, a Redis
+database index of their own on REDIS_URL's server, the reference generator over HTTP, and
+real Celery worker and beat processes. Everything is removed at the end of the session.
+"""
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+import pytest
+import redis
+import requests
+from PIL import Image
+from sqlalchemy.engine import make_url
+
+from tests.support import Process, beat_command, start_generator, wait_for, worker_command
+
+TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "14"))
+
+# Scaled-down timings: the same ladder shape as production, in tenths of a second.
+FAST_TIMINGS = {
+    "RETRY_DELAYS": "0.3,0.6,0.9,1.2,1.5",
+    "QUEUE_CHECK_INTERVAL": "0.5",
+    "BACKGROUND_PROCESSING_INTERVAL": "700",
+    "JOB_LEASE_SECONDS": "2",
+}
+
+
+def _admin_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    base = os.environ.get("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    name = "renderq_test_%s" % uuid.uuid4().hex[:8]
+    with psycopg.connect(_admin_dsn(base), autocommit=True) as admin:
+        admin.execute("CREATE DATABASE %s" % name)
+    yield make_url(base).set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
+    with psycopg.connect(_admin_dsn(base), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        admin.execute("DROP DATABASE IF EXISTS %s" % name)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    url = base.rsplit("/", 1)[0] + "/%d" % TEST_REDIS_DB if base.count("/") > 2 else base + "/%d" % TEST_REDIS_DB
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def base_env(database_url, redis_url, tmp_path_factory) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GENERATOR_")}
+    env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, APP_ENV="test",
+               MEDIA_ROOT=str(tmp_path_factory.mktemp("media")), **FAST_TIMINGS)
+    return env
+
+
+@pytest.fixture(scope="session")
+def generator(base_env, log_dir) -> Iterator[str]:
+    process, url = start_generator(base_env, log_dir)
+    yield url
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def stack_env(base_env, generator) -> dict:
+    return {**base_env, "GENERATOR_URL": generator}
+
+
+@pytest.fixture(scope="session")
+def app(stack_env):
+    from flask_migrate import upgrade
+
+    from webapp import create_app
+
+    app = create_app(stack_env)
+    with app.app_context():
+        upgrade()
+    return app
+
+
+class Stack:
+    """The worker and beat processes, which fault tests kill and restart."""
+
+    def __init__(self, env: dict, log_dir: Path):
+        self.env = env
+        self.log_dir = log_dir
+        self.worker = Process("worker", worker_command(), env, log_dir)
+        self.beat = Process("beat", beat_command(log_dir / "beat-schedule"), env, log_dir)
+
+    def start(self) -> "Stack":
+        self.worker.start()
+        self.beat.start()
+        return self
+
+    def restart_worker(self) -> None:
+        self.worker = Process("worker", worker_command(), self.env, self.log_dir).start()
+
+    def stop(self) -> None:
+        self.beat.stop()
+        self.worker.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(app, stack_env, log_dir) -> Iterator[Stack]:
+    running = Stack(stack_env, log_dir).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture()
+def make_user(app):
+    def create(balance: int = 1000, admin: bool = False, locale: str | None = None) -> tuple[int, str]:
+        arguments = ["users", "create", "--email", "u-%s@example.com" % uuid.uuid4().hex[:10],
+                     "--balance", str(balance)] + (["--admin"] if admin else []) + (["--locale", locale] if locale else [])
+        result = app.test_cli_runner().invoke(args=arguments)
+        assert result.exit_code == 0, result.output
+        token = result.output.strip().splitlines()[-1]
+        user_id = int(result.output.split()[2])
+        return user_id, token
+
+    return create
+
+
+def png_bytes(size: tuple[int, int] = (64, 48), color: str = "orange") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def upload(client, token: str, prompt: str = "", style: str = "sepia", image: bytes | None = None,
+           size: tuple[int, int] = (64, 48)):
+    data = {"file": (io.BytesIO(image or png_bytes(size)), "photo.png"), "style": style, "prompt": prompt}
+    return client.post("/api/photos", data=data, headers={"Authorization": "Bearer " + token},
+                       content_type="multipart/form-data")
+
+
+def job_json(client, token: str, job_id: str) -> dict:
+    response = client.get("/api/jobs/%s" % job_id, headers={"Authorization": "Bearer " + token})
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def wait_terminal(client, token: str, job_id: str, timeout: float = 60) -> dict:
+    return wait_for(lambda: (lambda job: job if job["status"] in ("completed", "failed", "canceled") else None)(
+        job_json(client, token, job_id)), timeout=timeout, what="job %s to finish" % job_id)
+
+
+def generator_calls(generator_url: str, job_id: str) -> dict:
+    return requests.get("%s/v1/calls/%s" % (generator_url, job_id), timeout=5).json()

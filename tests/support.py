@@ -1,0 +1,96 @@
+"""Helpers for tests that run the real processes: start, kill and wait on them."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import requests
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(check: Callable[[], Optional[T]], timeout: float = 30, interval: float = 0.05,
+             what: str = "condition") -> T:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %ss waiting for %s (last value: %r)" % (timeout, what, value))
+        time.sleep(interval)
+
+
+class Process:
+    """A real process of the system, in its own process group so a SIGKILL takes all of it."""
+
+    def __init__(self, name: str, command: list[str], env: dict, log_dir: Path):
+        self.name = name
+        self.command = command
+        self.env = env
+        self.log_path = log_dir / ("%s.log" % name)
+        self.popen: Optional[subprocess.Popen] = None
+
+    def start(self) -> "Process":
+        log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(self.command, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole group: the parent and every pool process, mid-whatever."""
+        if self.popen and self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen and self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_generator(env: dict, log_dir: Path) -> tuple[Process, str]:
+    port = free_port()
+    process = Process("generator", [str(BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % port, "--workers", "1",
+                                    "--worker-class", "gthread", "--threads", "32", "generator:create_app()"],
+                      env, log_dir).start()
+    url = "http://127.0.0.1:%d" % port
+
+    def healthy() -> bool:
+        try:
+            return requests.get(url + "/healthz", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    wait_for(healthy, timeout=20, what="the generator to answer /healthz")
+    return process, url
+
+
+def worker_command(concurrency: int = 2) -> list[str]:
+    return [str(BIN / "celery"), "-A", "tasks", "worker", "--concurrency", str(concurrency),
+            "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--hostname", "test-%h-" + str(os.getpid())]
+
+
+def beat_command(schedule: Path) -> list[str]:
+    return [str(BIN / "celery"), "-A", "tasks", "beat", "--schedule", str(schedule), "--loglevel", "INFO"]
