@@ -33,6 +33,10 @@ def from_settings(settings: Settings) -> dict:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
+        # The API publishes after commit and answers 202 even when the broker is down (the
+        # reconciler publishes later), so a publish must give up within a second or two.
+        broker_connection_timeout=2,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         broker_transport_options={
             "visibility_timeout": visibility_timeout(settings),
             # Kombu routes through `_kombu.binding.*` sets that vanish when Redis loses its

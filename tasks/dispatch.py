@@ -11,7 +11,6 @@ import uuid
 from typing import Optional
 
 import redis
-from celery import current_app as current_celery
 from flask import current_app
 
 from config.kinds import get_kind
@@ -48,7 +47,7 @@ def publish_attempt(job_id: uuid.UUID, kind: str, countdown: Optional[float] = N
     """Send one attempt of a committed job to the workers, and remember which broker has it."""
     epoch = broker_epoch()
     kwargs = {"ticket": str(ticket)} if ticket else {}
-    current_celery.send_task(ATTEMPT_TASK, args=[str(job_id)], kwargs=kwargs,
+    current_app.extensions["celery"].send_task(ATTEMPT_TASK, args=[str(job_id)], kwargs=kwargs,
                              countdown=countdown, **time_limits(kind))
     lifecycle.mark_published(job_id, epoch)
     log.info("📋 [QUEUE] job %s published%s", job_id, "" if not countdown else " to run in %.3gs" % countdown)

@@ -12,7 +12,7 @@ from webapp import storage, submissions
 from webapp.auth import ensure_owner_or_admin, login_required
 from webapp.errors import ApiError
 from webapp.extensions import db
-from webapp.models import SUCCEEDED, TERMINAL_STATUSES, Job, Photo
+from webapp.models import SUCCEEDED, Job, Photo
 from webapp.resources import job_resource, locale_of
 from webapp.uploads import check_image
 
@@ -78,7 +78,7 @@ def upload_photo() -> Response:
     image = check_image(upload.read(), _settings().max_upload_bytes)
     photo = submissions.store_photo(g.user, image, _settings())
     job = submissions.submit(g.user, kind, params, photo)
-    return _job_json(job, 200 if job.status in TERMINAL_STATUSES else 202)
+    return _job_json(job, 202)
 
 
 @blueprint.get("/api/photos/<photo_id>/status")

@@ -1,0 +1,99 @@
+"""Pure logic: settings validation, the ladder policy, Celery's effective settings."""
+from __future__ import annotations
+
+from datetime import timedelta
+from unittest import mock
+
+import pytest
+from celery.app.task import Task
+
+import celeryconfig
+from config import ConfigError, load_settings
+from webapp.lifecycle import plan_after_transient_failure
+
+DEFAULTS = load_settings({})
+
+
+def test_defaults_are_the_spec():
+    assert DEFAULTS.retry_delays == (1, 5, 15, 60, 300)
+    assert (DEFAULTS.max_retries, DEFAULTS.concurrent_jobs, DEFAULTS.queue_check_interval) == (5, 3, 5)
+    assert (DEFAULTS.background_processing_interval_ms, DEFAULTS.max_concurrent_background_tasks) == (30000, 3)
+    assert (DEFAULTS.max_background_retry_age_ms, DEFAULTS.max_retry_attempts) == (86_400_000, 3)
+    assert (DEFAULTS.completed_job_ttl, DEFAULTS.max_upload_bytes) == (86400, 10 * 1024 * 1024)
+    assert (DEFAULTS.app_env, DEFAULTS.log_format, DEFAULTS.notify_on_failure) == ("development", "text", False)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("MAX_RETRIES", "-1"), ("MAX_RETRIES", "many"), ("RETRY_DELAYS", "1,x"), ("CONCURRENT_JOBS", "0"),
+    ("QUEUE_CHECK_INTERVAL", "0"), ("APP_ENV", "prod"), ("LOG_FORMAT", "xml"), ("NOTIFY_ON_FAILURE", "perhaps"),
+    ("DATABASE_URL", "mysql://x"), ("REDIS_URL", "http://x"), ("DEFAULT_LOCALE", "de"),
+])
+def test_a_bad_value_names_the_variable(name, value):
+    with pytest.raises(ConfigError, match=name):
+        load_settings({name: value})
+
+
+def test_fewer_delays_than_retries_is_refused():
+    with pytest.raises(ConfigError, match="RETRY_DELAYS"):
+        load_settings({"RETRY_DELAYS": "1,2", "MAX_RETRIES": "5"})
+
+
+def test_decimal_delays_are_allowed():
+    assert load_settings({"RETRY_DELAYS": "0.5,1.5,2,3,4"}).retry_delays == (0.5, 1.5, 2, 3, 4)
+
+
+def test_the_fast_ladder_waits_1_5_15_60_300_then_hands_over_to_the_background():
+    young = timedelta(minutes=1)
+    delays = [plan_after_transient_failure(attempt, 0, young, DEFAULTS).retry_in for attempt in range(1, 6)]
+    assert delays == [1, 5, 15, 60, 300]
+    assert plan_after_transient_failure(6, 0, young, DEFAULTS).status == "pending_background_retry"
+
+
+def test_retry_after_is_honoured_when_longer_than_the_ladder():
+    step = plan_after_transient_failure(1, 0, timedelta(0), DEFAULTS, retry_after=12)
+    assert (step.status, step.retry_in) == ("retrying", 12)
+
+
+def test_background_tries_stop_at_three_or_at_the_age_limit():
+    young, old = timedelta(hours=1), timedelta(hours=25)
+    assert plan_after_transient_failure(7, 1, young, DEFAULTS).status == "pending_background_retry"
+    assert plan_after_transient_failure(8, 2, young, DEFAULTS).status == "pending_background_retry"
+    assert plan_after_transient_failure(9, 3, young, DEFAULTS).status == "failed"
+    assert plan_after_transient_failure(7, 1, old, DEFAULTS).status == "failed"
+
+
+def test_celery_is_given_the_ladder_countdowns_retry_by_retry(app):
+    """The countdown that autoretry_for hands to Celery's Task.retry is the ladder's, retry by retry."""
+    from tasks.errors import RetryLater
+    from tasks.jobs import attempt
+
+    given = []
+
+    def record(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None, max_retries=None, **options):
+        given.append(countdown)
+        raise Exception("published")  # stand-in for the publish; Celery itself is not under test here
+
+    with mock.patch.object(Task, "retry", record), app.app_context():
+        for attempt_number in range(1, 6):
+            step = plan_after_transient_failure(attempt_number, 0, timedelta(0), DEFAULTS)
+            with pytest.raises(Exception, match="published"):
+                attempt.retry(exc=RetryLater(step.retry_in))
+    assert given == [1, 5, 15, 60, 300]
+    assert attempt.autoretry_for and RetryLater in attempt.autoretry_for
+
+
+def test_celery_reliability_settings_take_effect(app):
+    celery = app.extensions["celery"]
+    conf = celery.conf
+    assert (conf.task_serializer, conf.result_serializer, list(conf.accept_content)) == ("json", "json", ["json"])
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.broker_connection_retry_on_startup
+    settings = app.extensions["renderq.settings"]
+    longest = max(settings.retry_delays) + 120
+    assert conf.broker_transport_options["visibility_timeout"] > longest
+    assert celeryconfig.visibility_timeout(DEFAULTS) > 300 + 120
+    task = celery.tasks["renderq.jobs.attempt"]
+    assert task.acks_late and task.reject_on_worker_lost and task.max_retries is None
+    schedule = conf.beat_schedule
+    assert schedule["background-processor"]["schedule"] == timedelta(milliseconds=settings.background_processing_interval_ms)
+    assert schedule["reconciler"]["schedule"] == timedelta(seconds=settings.queue_check_interval)
