@@ -17,6 +17,7 @@ from pathlib import Path
 
 VAR = Path(__file__).resolve().parent.parent / "var"
 DATABASE_NAME = "renderq"
+ENV_FILE = VAR.parent / ".env"
 
 
 def _free_port(preferred: int) -> int:
@@ -72,9 +73,16 @@ def start_redis() -> str:
 
 
 def up() -> None:
+    started = []
     for name, start in (("DATABASE_URL", start_postgres), ("REDIS_URL", start_redis)):
-        value = os.environ.get(name) or start()
+        value = os.environ.get(name)
+        if not value:
+            value = start()
+            started.append("%s=%s" % (name, value))
         print("export %s=%s" % (name, shlex.quote(value)))
+    if started:  # so that `flask --app webapp ...` run by hand finds the same servers (Flask loads .env)
+        ENV_FILE.write_text("# written by scripts/services.py: the local servers bin/run started\n"
+                            + "\n".join(started) + "\n")
 
 
 def down() -> None:
