@@ -34,9 +34,17 @@ def reachable(start: str) -> set[str]:
     return seen
 
 
-def watch(client, token: str, job_id: str, timeout: float = 60) -> list[dict]:
+def submit_and_watch(client, token: str, prompt: str = "", timeout: float = 60, **upload_args) -> list[dict]:
+    """Submit a photo and poll its job until terminal: the distinct snapshots, starting with the 202's."""
+    response = upload(client, token, prompt=prompt, **upload_args)
+    assert response.status_code == 202, response.get_json()
+    accepted = response.get_json()
+    return watch(client, token, accepted["id"], timeout, first=accepted)
+
+
+def watch(client, token: str, job_id: str, timeout: float = 60, first: dict | None = None) -> list[dict]:
     """Poll the job until it is terminal; the distinct snapshots, in order."""
-    history: list[dict] = []
+    history: list[dict] = [first] if first else []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = job_json(client, token, job_id)
@@ -63,12 +71,9 @@ def user(make_user, stack):
 
 def test_success_renders_a_png_of_the_input_size(client, user, generator):
     user_id, token = user
-    response = upload(client, token, size=(123, 77))
-    assert response.status_code == 202
-    accepted = response.get_json()
-    assert accepted["status"] in ("pending", "processing") and accepted["user_id"] == user_id
-    history = watch(client, token, accepted["id"])
+    history = submit_and_watch(client, token, size=(123, 77))
     assert_valid_path(history)
+    assert history[0]["user_id"] == user_id
     job = history[-1]
     assert (job["status"], job["outcome"], job["attempts"], job["retry_count"]) == ("completed", "succeeded", 1, 0)
     assert job["error"] is None and job["message"] is None
@@ -95,8 +100,8 @@ def test_job_resource_has_every_field_of_the_spec(client, user):
 
 def test_transient_failures_retry_on_the_ladder(client, user, generator):
     _, token = user
-    job_id = upload(client, token, prompt="[fail:2]").get_json()["id"]
-    history = watch(client, token, job_id)
+    history = submit_and_watch(client, token, prompt="[fail:2]")
+    job_id = history[0]["id"]
     assert_valid_path(history)
     assert "retrying" in [job["status"] for job in history]
     job = history[-1]
@@ -110,8 +115,8 @@ def test_transient_failures_retry_on_the_ladder(client, user, generator):
 
 def test_exhausted_ladder_goes_to_background_then_fails_after_three_tries(client, user, generator):
     _, token = user
-    job_id = upload(client, token, prompt="[fail:999]").get_json()["id"]
-    history = watch(client, token, job_id, timeout=90)
+    history = submit_and_watch(client, token, prompt="[fail:999]", timeout=90)
+    job_id = history[0]["id"]
     assert_valid_path(history)
     statuses = [job["status"] for job in history]
     assert "pending_background_retry" in statuses
