@@ -49,7 +49,7 @@ def from_settings(settings: Settings) -> dict:
         worker_hijack_root_logger=False,
         timezone="UTC",
         enable_utc=True,
-        include=["tasks.jobs", "tasks.sweeps"],
+        include=["tasks.jobs", "tasks.sweeps", "tasks.webhooks"],
         beat_schedule={
             "background-processor": {
                 "task": "renderq.background.process",

@@ -4,6 +4,8 @@ Every name and default is SPEC §7's; a bad value raises ConfigError naming the 
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from dataclasses import dataclass
 from typing import Callable, Mapping, TypeVar
@@ -50,6 +52,19 @@ def _boolean(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError("must be true or false")
+
+
+def _webhook_secret(raw: str) -> str:
+    if raw == "":
+        return raw
+    if not raw.startswith("whsec_"):
+        raise ValueError("must be a Standard Webhooks secret: whsec_ followed by base64")
+    try:
+        if len(base64.b64decode(raw[len("whsec_"):], validate=True)) < 16:
+            raise ValueError
+    except (ValueError, binascii.Error):
+        raise ValueError("must be whsec_ followed by at least 16 base64-encoded bytes") from None
+    return raw
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -138,7 +153,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_retry_attempts=read("MAX_RETRY_ATTEMPTS", "3", _non_negative_int),
         generator_url=read("GENERATOR_URL", "http://127.0.0.1:5001", _url("http://", "https://")).rstrip("/"),
         generator_max_inflight=read("GENERATOR_MAX_INFLIGHT", "0", _non_negative_int),
-        webhook_secret=read("WEBHOOK_SECRET", "", str),
+        webhook_secret=read("WEBHOOK_SECRET", "", _webhook_secret),
         flower_basic_auth=read("FLOWER_BASIC_AUTH", "", str),
         media_root=os.path.abspath(read("MEDIA_ROOT", "var/media", str)),
         max_upload_bytes=read("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024), _positive_int),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+import time
 import uuid
 from typing import Callable, Optional
 
@@ -14,8 +15,9 @@ from flask import current_app
 
 from config import Settings
 from config.kinds import get_kind
-from tasks.errors import GeneratorFailure, PermanentFailure, RetryLater, SafetyBlock, classify_exception
-from webapp import lifecycle, storage
+from tasks import dispatch
+from tasks.errors import GeneratorFailure, PermanentFailure, RetryLater, SafetyBlock, TransientFailure, classify_exception
+from webapp import history, lifecycle, storage
 from webapp.extensions import db
 from webapp.logs import job_logging
 from webapp.models import FAILED, RETRYING, Photo, User
@@ -87,6 +89,7 @@ def run_attempt(job_id: uuid.UUID, ticket: Optional[uuid.UUID] = None) -> None:
             return
         tier = "background try %d" % claim.retry_count if claim.retry_count else "fast ladder"
         log.info("🔧 [JOB_PROCESSOR] attempt %d of job %s (%s, %s)", claim.attempts, job_id, claim.kind, tier)
+        started_at, clock = history.now(), time.monotonic()
         with LeaseKeeper(claim, config.job_lease_seconds):
             try:
                 image = _call_generator(claim, config)
@@ -94,16 +97,27 @@ def run_attempt(job_id: uuid.UUID, ticket: Optional[uuid.UUID] = None) -> None:
                 failure = classify_exception(error)
                 if failure is None:
                     raise  # a bug, not the generator: the lease expires and the reconciler recovers the job
+                history.record_attempt(claim, _attempt_outcome(failure), failure.code, started_at,
+                                       time.monotonic() - clock)
                 _record_failure(claim, failure, config)
                 return
+        history.record_attempt(claim, "succeeded", None, started_at, time.monotonic() - clock)
         _record_success(claim, image, config)
+
+
+def _attempt_outcome(failure: GeneratorFailure) -> str:
+    if isinstance(failure, SafetyBlock):
+        return "blocked"
+    return "transient" if isinstance(failure, TransientFailure) else "failed"
 
 
 def _record_success(claim: lifecycle.Claim, image: bytes, config: Settings) -> None:
     relative = storage.save(config.media_root, "results/%s.png" % claim.job_id, image)
-    if lifecycle.finish_succeeded(claim, relative):
+    finished = lifecycle.finish_succeeded(claim, relative, config)
+    if finished:
         log.info("✅ [QUEUED_%s] job %s succeeded after %d attempt(s)",
                  claim.kind.upper().replace(".", "_"), claim.job_id, claim.attempts)
+        dispatch.announce(finished)
     else:
         storage.delete(config.media_root, relative)
         log.info("📋 [QUEUE] job %s left processing while its attempt ran; result discarded", claim.job_id)
@@ -111,25 +125,34 @@ def _record_success(claim: lifecycle.Claim, image: bytes, config: Settings) -> N
 
 def _record_failure(claim: lifecycle.Claim, failure: GeneratorFailure, config: Settings) -> None:
     if isinstance(failure, SafetyBlock):
-        if lifecycle.finish_blocked(claim, failure.code):
+        finished = lifecycle.finish_blocked(claim, failure.code, config)
+        if finished:
             log.info("❌ [ERROR_HANDLER] job %s blocked by the generator: %s", claim.job_id, failure.code)
+            dispatch.announce(finished)
         return
     if isinstance(failure, PermanentFailure):
-        if lifecycle.fail(claim, failure.code, failure.detail):
+        finished = lifecycle.fail(claim, failure.code, failure.detail, config)
+        if finished:
             log.info("❌ [ERROR_HANDLER] job %s failed permanently: %s", claim.job_id, failure.detail)
+            dispatch.announce(finished)
         return
     record_transient(claim, failure.code, failure.detail, getattr(failure, "retry_after", 0), config)
 
 
-def record_transient(claim: lifecycle.Claim, code: str, detail: str, retry_after: float, config: Settings) -> None:
-    """Move the job on after a transient failure; raises RetryLater for the next fast-ladder step."""
-    step = lifecycle.record_transient_failure(claim, code, detail, config, retry_after)
+def record_transient(claim: lifecycle.Claim, code: str, detail: str, retry_after: float,
+                     config: Settings) -> bool:
+    """Move the job on after a transient failure; raises RetryLater for the next fast-ladder step.
+    False if the job had already changed hands."""
+    step, finished = lifecycle.record_transient_failure(claim, code, detail, config, retry_after)
+    if finished:
+        dispatch.announce(finished)
     if step is None:
         log.info("📋 [QUEUE] job %s changed hands while its attempt ran; outcome dropped", claim.job_id)
-        return
+        return False
     log.info("❌ [ERROR_HANDLER] job %s attempt %d failed transiently (%s); now %s%s", claim.job_id,
              claim.attempts, detail, step.status, "" if step.retry_in is None else " in %.3gs" % step.retry_in)
     if step.status == RETRYING:
         raise RetryLater(step.retry_in)
     if step.status == FAILED:
         log.info("🔁 [BACKGROUND] job %s failed after %d background tries", claim.job_id, claim.retry_count)
+    return True

@@ -62,3 +62,22 @@ def try_publish(job_id: uuid.UUID, kind: str) -> bool:
         log.warning("📋 [QUEUE] job %s stays pending: the broker refused it; the reconciler will publish it",
                     job_id, exc_info=True)
         return False
+
+
+FINISHED_CHANNEL = "renderq:jobs:finished"
+DELIVER_TASK = "renderq.notifications.deliver"
+
+
+def publish_delivery(notification_id: int, countdown: Optional[float] = None) -> None:
+    current_app.extensions["celery"].send_task(DELIVER_TASK, args=[notification_id], countdown=countdown)
+
+
+def announce(finished: lifecycle.Finished) -> None:
+    """After a job's terminal commit: send its webhook, and wake whoever waits on it
+    (`Prefer: wait`). Both are best effort; the reconciler re-sends undelivered webhooks."""
+    try:
+        if finished.notification_id is not None:
+            publish_delivery(finished.notification_id)
+        redis_client().publish(FINISHED_CHANNEL, str(finished.job_id))
+    except Exception:
+        log.warning("📋 [QUEUE] job %s finished but could not be announced now", finished.job_id, exc_info=True)

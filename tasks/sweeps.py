@@ -10,7 +10,7 @@ from config.kinds import longest_hard_time_limit
 from tasks import dispatch
 from tasks.attempts import record_transient, settings
 from tasks.errors import RetryLater
-from webapp import lifecycle
+from webapp import history, lifecycle, notifications
 from webapp.logs import job_logging
 
 log = logging.getLogger(__name__)
@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 def process_background() -> int:
     """Tier 2: fail what is too old, then claim up to the free background slots and run them."""
     config = settings()
-    too_old = lifecycle.fail_too_old(config)
-    if too_old:
-        log.info("🔁 [BACKGROUND] failed %d job(s) past the age limit or out of tries", too_old)
+    for finished in lifecycle.fail_too_old(config):
+        with job_logging(finished.job_id):
+            log.info("🔁 [BACKGROUND] job %s failed: past the age limit or out of tries", finished.job_id)
+            dispatch.announce(finished)
     claimed = lifecycle.claim_background_batch(config, queue_wait_seconds=longest_hard_time_limit())
     for job_id, ticket, kind in claimed:
         with job_logging(job_id):
@@ -38,9 +39,13 @@ def reconcile() -> None:
     for claim in lifecycle.expired_claims():
         with job_logging(claim.job_id):
             try:
-                record_transient(claim, "WORKER_LOST", "the attempt's worker stopped renewing its lease", 0, config)
+                recovered = record_transient(claim, "WORKER_LOST", "the attempt's worker stopped renewing its lease",
+                                             0, config)
             except RetryLater as retry:
+                recovered = True
                 dispatch.publish_attempt(claim.job_id, claim.kind, countdown=retry.countdown)
+            if recovered:
+                history.record_attempt(claim, "lost", "WORKER_LOST", history.now(), 0)
     grace = timedelta(seconds=max(30.0, 3 * config.queue_check_interval))
     now = datetime.now(timezone.utc)
     for job_id, kind, next_retry_at in lifecycle.unpublished(dispatch.broker_epoch(), grace):
@@ -48,3 +53,5 @@ def reconcile() -> None:
             countdown = max(0.0, (next_retry_at - now).total_seconds()) if next_retry_at else None
             log.info("📋 [QUEUE] job %s has no message in the broker; re-publishing", job_id)
             dispatch.publish_attempt(job_id, kind, countdown=countdown)
+    for notification_id in notifications.overdue_deliveries(grace):
+        dispatch.publish_delivery(notification_id)

@@ -4,6 +4,7 @@ real Celery worker and beat processes. Everything is removed at the end of the s
 """
 from __future__ import annotations
 
+import base64
 import io
 import os
 import uuid
@@ -20,6 +21,8 @@ from sqlalchemy.engine import make_url
 from tests.support import Process, beat_command, start_generator, wait_for, worker_command
 
 TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "14"))
+
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"renderq-tests-webhook-secret-24").decode()
 
 # Scaled-down timings: the same ladder shape as production, in tenths of a second.
 FAST_TIMINGS = {
@@ -64,7 +67,7 @@ def log_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def base_env(database_url, redis_url, tmp_path_factory) -> dict:
     env = {key: value for key, value in os.environ.items() if not key.startswith("GENERATOR_")}
-    env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, APP_ENV="test",
+    env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, APP_ENV="test", WEBHOOK_SECRET=WEBHOOK_SECRET,
                MEDIA_ROOT=str(tmp_path_factory.mktemp("media")), **FAST_TIMINGS)
     return env
 

@@ -76,8 +76,7 @@ def upload_photo() -> Response:
     kind = submissions.resolve_kind(request.form.get("kind"), default="photo.render")
     params = submissions.check_params(request.form.get("style"), request.form.get("prompt"))
     image = check_image(upload.read(), _settings().max_upload_bytes)
-    photo = submissions.store_photo(g.user, image, _settings())
-    job = submissions.submit(g.user, kind, params, photo)
+    job = submissions.submit(g.user.id, kind, params, _settings(), image=image)
     return _job_json(job, 202)
 
 

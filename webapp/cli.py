@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import click
-from flask import Flask
+from flask import Flask, current_app
 from flask.cli import AppGroup
 from sqlalchemy import select
 
+from webapp import ledger
 from webapp.auth import new_token
 from webapp.extensions import db
 from webapp.models import User
+from webapp.urls import UnsafeUrl, check_webhook_url
 
 users = AppGroup("users", help="Create users and their API tokens.")
 
@@ -18,16 +20,65 @@ users = AppGroup("users", help="Create users and their API tokens.")
 @click.option("--admin", is_flag=True, help="May read every user's jobs and the admin endpoints.")
 @click.option("--balance", type=click.IntRange(min=0), default=0, show_default=True, help="Starting credits.")
 @click.option("--locale", type=click.Choice(["ru", "en"]), default=None, help="Language of messages.")
-def create_user(email: str, admin: bool, balance: int, locale: str | None) -> None:
+@click.option("--webhook-url", default=None, help="Where notifications are POSTed (needs WEBHOOK_SECRET).")
+def create_user(email: str, admin: bool, balance: int, locale: str | None, webhook_url: str | None) -> None:
     """Create a user and print their API token alone on the last line."""
     if db.session.execute(select(User.id).where(User.email == email)).first():
         raise click.UsageError("a user with e-mail %s already exists" % email)
     token, digest = new_token()
-    user = User(email=email, token_hash=digest, is_admin=admin, balance=balance, locale=locale)
+    user = User(email=email, token_hash=digest, is_admin=admin, balance=0, held=0, locale=locale,
+                webhook_url=_webhook_url(webhook_url))
     db.session.add(user)
+    db.session.flush()
+    if balance:
+        ledger.top_up(user, balance)
     db.session.commit()
     click.echo("created user %d (%s)%s" % (user.id, email, ", admin" if admin else ""))
     click.echo(token)
+
+
+def _webhook_url(url: str | None) -> str | None:
+    if not url:
+        return None
+    if not current_app.extensions["renderq.settings"].webhook_secret:
+        raise click.UsageError("set WEBHOOK_SECRET (whsec_...) before giving users a webhook URL")
+    try:
+        return check_webhook_url(url)
+    except UnsafeUrl as error:
+        raise click.UsageError(str(error)) from None
+
+
+def _user(email: str) -> User:
+    user = db.session.execute(select(User).where(User.email == email).with_for_update()).scalar()
+    if user is None:
+        raise click.UsageError("no user with e-mail %s" % email)
+    return user
+
+
+@users.command("topup")
+@click.option("--email", required=True)
+@click.option("--amount", type=click.IntRange(min=1), required=True, help="Credits to add.")
+def top_up(email: str, amount: int) -> None:
+    """Add credits to a user's balance (a ledger entry)."""
+    user = _user(email)
+    ledger.top_up(user, amount)
+    db.session.commit()
+    click.echo("user %d balance %d (available %d)" % (user.id, user.balance, user.balance - user.held))
+
+
+@users.command("update")
+@click.option("--email", required=True)
+@click.option("--webhook-url", default=None, help="Where notifications are POSTed; '' removes it.")
+@click.option("--locale", type=click.Choice(["ru", "en"]), default=None)
+def update_user(email: str, webhook_url: str | None, locale: str | None) -> None:
+    """Change a user's webhook URL or locale."""
+    user = _user(email)
+    if webhook_url is not None:
+        user.webhook_url = _webhook_url(webhook_url)
+    if locale is not None:
+        user.locale = locale
+    db.session.commit()
+    click.echo("user %d updated" % user.id)
 
 
 def register(app: Flask) -> None:

@@ -15,10 +15,11 @@ from typing import Any, Optional
 from sqlalchemy import and_, func, or_, select, text, update
 
 from config import Settings
+from webapp import ledger, notifications
 from webapp.extensions import db
 from webapp.models import (
-    BLOCKED, COMPLETED, FAILED, PENDING, PENDING_BACKGROUND_RETRY, PROCESSING, RETRYING,
-    SUCCEEDED, Job,
+    BLOCKED, CANCELED, CAPTURE, COMPLETED, FAILED, PENDING, PENDING_BACKGROUND_RETRY, PROCESSING, RELEASE,
+    RETRYING, SUCCEEDED, TERMINAL_STATUSES, Job,
 )
 
 # A retry message may arrive a little before next_retry_at when worker and database clocks differ.
@@ -60,6 +61,36 @@ def _transition(job_id: uuid.UUID, guard: Any, values: dict, returning: tuple = 
     row = db.session.execute(statement).first()
     db.session.commit()
     return row
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A job reached a terminal status; `notification_id` is set when the user is to be told."""
+    job_id: uuid.UUID
+    status: str
+    notification_id: Optional[int] = None
+
+
+def _finish(job_id: uuid.UUID, guard: Any, values: dict, settings: Settings) -> Optional[Finished]:
+    """The one way into a terminal status: in a single transaction, the guarded UPDATE, the
+    ledger's capture or release, and the notification row (SPEC §3, §4)."""
+    status = values["status"]
+    won = db.session.execute(
+        update(Job).where(Job.id == job_id, guard)
+        .values(updated_at=func.now(), completed_at=func.now(), lease_token=None, lease_expires_at=None, **values)
+        .returning(Job.id)
+    ).first()
+    if won is None:
+        db.session.rollback()
+        return None
+    succeeded = values.get("outcome") == SUCCEEDED
+    ledger.settle(job_id, CAPTURE if succeeded else RELEASE)
+    event = {SUCCEEDED: "succeeded", BLOCKED: "blocked"}.get(values.get("outcome"))
+    if status == FAILED and settings.notify_on_failure:
+        event = "failed"
+    notification_id = notifications.record(job_id, event, settings) if event else None
+    db.session.commit()
+    return Finished(job_id, status, notification_id)
 
 
 _CLAIM_COLUMNS = (Job.kind, Job.user_id, Job.photo_id, Job.params, Job.attempts, Job.retry_count, Job.created_at)
@@ -157,22 +188,36 @@ def _held(token: uuid.UUID) -> Any:
 _RELEASE_LEASE = dict(lease_token=None, lease_expires_at=None)
 
 
-def finish_succeeded(claim: Claim, result_path: str) -> bool:
-    return _transition(claim.job_id, _held(claim.token), dict(
-        status=COMPLETED, outcome=SUCCEEDED, result_path=result_path, error_code=None,
-        completed_at=func.now(), **_RELEASE_LEASE)) is not None
+def finish_succeeded(claim: Claim, result_path: str, settings: Settings) -> Optional[Finished]:
+    return _finish(claim.job_id, _held(claim.token), dict(
+        status=COMPLETED, outcome=SUCCEEDED, result_path=result_path, error_code=None), settings)
 
 
-def finish_blocked(claim: Claim, block_reason: str) -> bool:
-    return _transition(claim.job_id, _held(claim.token), dict(
-        status=COMPLETED, outcome=BLOCKED, block_reason=block_reason, error_code=None,
-        completed_at=func.now(), **_RELEASE_LEASE)) is not None
+def finish_blocked(claim: Claim, block_reason: str, settings: Settings) -> Optional[Finished]:
+    return _finish(claim.job_id, _held(claim.token), dict(
+        status=COMPLETED, outcome=BLOCKED, block_reason=block_reason, error_code=None), settings)
 
 
-def fail(claim: Claim, error_code: str, detail: str) -> bool:
-    return _transition(claim.job_id, _held(claim.token), dict(
-        status=FAILED, error_code=error_code, error_detail=detail,
-        completed_at=func.now(), **_RELEASE_LEASE)) is not None
+def fail(claim: Claim, error_code: str, detail: str, settings: Settings) -> Optional[Finished]:
+    return _finish(claim.job_id, _held(claim.token), dict(
+        status=FAILED, error_code=error_code, error_detail=detail), settings)
+
+
+def cancel(job_id: uuid.UUID, settings: Settings) -> Optional[Finished]:
+    """Cancel a job that has not finished; a running attempt's outcome then matches no row."""
+    return _finish(job_id, Job.status.not_in(TERMINAL_STATUSES), dict(status=CANCELED), settings)
+
+
+def requeue_failed(job_id: uuid.UUID) -> bool:
+    """An admin's retry: a failed job goes back to pending with fresh counters and a new hold
+    taken by the caller in the same transaction."""
+    won = db.session.execute(
+        update(Job).where(Job.id == job_id, Job.status == FAILED)
+        .values(status=PENDING, attempts=0, retry_count=0, next_retry_at=None, error_code=None,
+                error_detail=None, completed_at=None, started_at=None, broker_epoch=None, updated_at=func.now())
+        .returning(Job.id)
+    ).first()
+    return won is not None
 
 
 def _max_background_age(settings: Settings) -> timedelta:
@@ -195,17 +240,19 @@ def plan_after_transient_failure(attempts: int, retry_count: int, age: timedelta
 
 
 def record_transient_failure(claim: Claim, error_code: str, detail: str, settings: Settings,
-                             retry_after: float = 0) -> Optional[NextStep]:
-    """Move the job on after a transient failure; None if the claim was lost meanwhile."""
+                             retry_after: float = 0) -> tuple[Optional[NextStep], Optional[Finished]]:
+    """Move the job on after a transient failure: (the step taken, or None if the claim was
+    lost meanwhile; and the Finished record when the step was to `failed`)."""
     step = plan_after_transient_failure(claim.attempts, claim.retry_count, _now() - claim.created_at,
                                         settings, retry_after)
-    values: dict = dict(status=step.status, error_code=error_code, error_detail=detail, **_RELEASE_LEASE)
+    values: dict = dict(status=step.status, error_code=error_code, error_detail=detail)
+    if step.status == FAILED:
+        finished = _finish(claim.job_id, _held(claim.token), values, settings)
+        return (step if finished else None), finished
     if step.retry_in is not None:
         values["next_retry_at"] = func.now() + timedelta(seconds=step.retry_in)
-    if step.status == FAILED:
-        values["completed_at"] = func.now()
-    won = _transition(claim.job_id, _held(claim.token), values)
-    return step if won else None
+    won = _transition(claim.job_id, _held(claim.token), {**values, **_RELEASE_LEASE})
+    return (step if won else None), None
 
 
 def expired_claims() -> list[Claim]:
@@ -219,19 +266,17 @@ def expired_claims() -> list[Claim]:
     return [_claim_from(row, row.lease_token) for row in rows]
 
 
-def fail_too_old(settings: Settings) -> int:
+def fail_too_old(settings: Settings) -> list[Finished]:
     """Fail background-retry jobs past the age limit (or out of tries) without another attempt."""
-    statement = (
-        update(Job)
-        .where(Job.status == PENDING_BACKGROUND_RETRY,
-               or_(Job.created_at <= func.now() - _max_background_age(settings),
-                   Job.retry_count >= settings.max_retry_attempts))
-        .values(status=FAILED, error_code="TOO_OLD", error_detail="background retries exhausted or job too old",
-                completed_at=func.now(), updated_at=func.now())
-    )
-    count = db.session.execute(statement).rowcount
-    db.session.commit()
-    return count
+    expired = or_(Job.created_at <= func.now() - _max_background_age(settings),
+                  Job.retry_count >= settings.max_retry_attempts)
+    job_ids = list(db.session.execute(
+        select(Job.id).where(Job.status == PENDING_BACKGROUND_RETRY, expired).limit(500)).scalars())
+    db.session.rollback()
+    finished = [_finish(job_id, and_(Job.status == PENDING_BACKGROUND_RETRY, expired),
+                        dict(status=FAILED, error_code="TOO_OLD", error_detail="too old for another background try"),
+                        settings) for job_id in job_ids]
+    return [record for record in finished if record]
 
 
 def mark_published(job_id: uuid.UUID, broker_epoch: str) -> None:

@@ -37,6 +37,9 @@ class User(db.Model):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     is_admin: Mapped[bool] = mapped_column(default=False)
     balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Sum of this user's open holds, kept in the same transactions as the ledger rows so the
+    # 402 check reads one row; the ledger stays the record (see webapp.ledger).
+    held: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     locale: Mapped[Optional[str]] = mapped_column(String(8))
     webhook_url: Mapped[Optional[str]] = mapped_column(Text)
     safety_agreed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
@@ -95,3 +98,79 @@ class Job(db.Model):
         Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'processing'")),
         Index("ix_jobs_completed_at", "completed_at", postgresql_where=text("completed_at IS NOT NULL")),
     )
+
+
+HOLD, CAPTURE, RELEASE, TOPUP = "hold", "capture", "release", "topup"
+
+
+class LedgerEntry(db.Model):
+    """Append-only credit movements. At most one hold, capture and release per job,
+    enforced by a unique index: a redelivered task cannot charge twice."""
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    # No foreign key: the ledger outlives jobs purged after COMPLETED_JOB_TTL.
+    job_id: Mapped[Optional[uuid.UUID]]
+    entry_type: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = _now_column()
+
+    __table_args__ = (
+        Index("uq_ledger_job_entry", "job_id", "entry_type", unique=True, postgresql_where=text("job_id IS NOT NULL")),
+        Index("ix_ledger_user_created", "user_id", "created_at"),
+    )
+
+
+class Notification(db.Model):
+    """One per (job, event): what the user is told, and the state of its webhook delivery."""
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    job_id: Mapped[uuid.UUID]
+    event: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict] = mapped_column(JSON)
+    webhook_id: Mapped[str] = mapped_column(String(64), unique=True)
+    delivered_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    delivery_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    # When the next webhook delivery may start; a delivery claims the row by moving it on,
+    # so a redelivered task steps aside and the reconciler re-sends only what is overdue.
+    next_delivery_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    last_delivery_error: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now_column()
+
+    __table_args__ = (
+        Index("uq_notification_job_event", "job_id", "event", unique=True),
+        Index("ix_notifications_user_created", "user_id", text("created_at DESC"), text("id DESC")),
+        Index("ix_notifications_undelivered", "next_delivery_at",
+              postgresql_where=text("delivered_at IS NULL AND next_delivery_at IS NOT NULL")),
+    )
+
+
+class IdempotencyKey(db.Model):
+    """`Idempotency-Key` of a submission: the same key and body within 24 h give the same job."""
+    __tablename__ = "idempotency_keys"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[uuid.UUID]
+    created_at: Mapped[datetime] = _now_column()
+
+
+class JobAttempt(db.Model):
+    """One generator call of a job: when, how long, and how it ended (for stats and metrics)."""
+    __tablename__ = "job_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int]
+    tier: Mapped[str] = mapped_column(String(16))  # fast | background
+    kind: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))  # succeeded | blocked | failed | transient | lost
+    error_code: Mapped[Optional[str]] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    duration_ms: Mapped[int]
+
+    __table_args__ = (Index("ix_job_attempts_started", "started_at"),)

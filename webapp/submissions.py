@@ -8,7 +8,7 @@ from typing import Optional
 from config import Settings
 from config.kinds import STYLES, JobKind, get_kind
 from tasks.dispatch import try_publish
-from webapp import storage
+from webapp import ledger, storage
 from webapp.errors import ApiError
 from webapp.extensions import db
 from webapp.logs import job_logging
@@ -37,7 +37,7 @@ def check_params(style: Optional[str], prompt: Optional[str]) -> dict:
     return {"style": style, "prompt": prompt}
 
 
-def store_photo(user: User, image: CheckedImage, settings: Settings) -> Photo:
+def _store_photo(user: User, image: CheckedImage, settings: Settings) -> Photo:
     photo_id = uuid.uuid4()
     relative = "photos/%s.%s" % (photo_id, image.extension)
     storage.save(settings.media_root, relative, image.data)
@@ -48,11 +48,18 @@ def store_photo(user: User, image: CheckedImage, settings: Settings) -> Photo:
     return photo
 
 
-def submit(user: User, kind: JobKind, params: dict, photo: Optional[Photo]) -> Job:
-    """Insert the job and commit; publish only after the row is committed (SPEC §11)."""
-    if kind.needs_photo and photo is None:
+def submit(user_id: int, kind: JobKind, params: dict, settings: Settings,
+           image: Optional[CheckedImage] = None, photo: Optional[Photo] = None) -> Job:
+    """Hold the price, store the photo, insert the job and commit; publish only after the
+    commit (SPEC §11). A refusal (402) stores nothing."""
+    if kind.needs_photo and image is None and photo is None:
         raise ApiError(400, "PHOTO_REQUIRED", "Kind %r needs a photo: upload one in the 'file' field." % kind.name)
-    job = Job(id=uuid.uuid4(), user_id=user.id, photo_id=photo.id if photo else None,
+    user = ledger.lock_user(user_id)
+    job_id = uuid.uuid4()
+    ledger.hold(user, job_id, kind.price)
+    if image is not None:
+        photo = _store_photo(user, image, settings)
+    job = Job(id=job_id, user_id=user.id, photo_id=photo.id if photo else None,
               kind=kind.name, params=params, price=kind.price)
     db.session.add(job)
     db.session.commit()

@@ -1,0 +1,94 @@
+"""The caller's own account: profile and balance, settings, notifications, safety consent."""
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from sqlalchemy import func
+
+from webapp.auth import login_required
+from webapp.errors import ApiError
+from webapp.extensions import db
+from webapp.notifications import inbox
+from webapp.resources import iso
+from webapp.urls import UnsafeUrl, check_webhook_url
+
+blueprint = Blueprint("me", __name__)
+
+
+def profile() -> dict:
+    user = g.user
+    return {
+        "id": user.id,
+        "email": user.email,
+        "is_admin": user.is_admin,
+        "balance": user.balance,
+        "available": user.balance - user.held,
+        "locale": user.locale or current_app.extensions["renderq.settings"].default_locale,
+        "webhook_url": user.webhook_url,
+        "safety_agreed_at": iso(user.safety_agreed_at),
+        "created_at": iso(user.created_at),
+    }
+
+
+@blueprint.get("/api/me")
+@login_required
+def get_me() -> Response:
+    return jsonify(profile())
+
+
+@blueprint.patch("/api/me")
+@login_required
+def update_me() -> Response:
+    changes = request.get_json(silent=True)
+    if not isinstance(changes, dict) or not changes:
+        raise ApiError(400, "INVALID_BODY", "Send a JSON object with 'webhook_url' and/or 'locale'.")
+    unknown = set(changes) - {"webhook_url", "locale"}
+    if unknown:
+        raise ApiError(400, "INVALID_BODY", "Only 'webhook_url' and 'locale' can be changed, not %s." % ", ".join(sorted(unknown)))
+    if "locale" in changes:
+        if changes["locale"] not in ("en", "ru", None):
+            raise ApiError(400, "INVALID_LOCALE", "locale must be 'en' or 'ru'.")
+        g.user.locale = changes["locale"]
+    if "webhook_url" in changes:
+        g.user.webhook_url = _checked_webhook_url(changes["webhook_url"])
+    db.session.commit()
+    return jsonify(profile())
+
+
+def _checked_webhook_url(url: object) -> str | None:
+    if url is None or url == "":
+        return None
+    if not isinstance(url, str) or len(url) > 2000:
+        raise ApiError(400, "INVALID_WEBHOOK_URL", "webhook_url must be a string URL of at most 2000 characters.")
+    if not current_app.extensions["renderq.settings"].webhook_secret:
+        raise ApiError(400, "WEBHOOKS_DISABLED", "This server has no WEBHOOK_SECRET, so it cannot sign webhooks.")
+    try:
+        return check_webhook_url(url)
+    except UnsafeUrl as error:
+        raise ApiError(400, "INVALID_WEBHOOK_URL", str(error)) from None
+
+
+@blueprint.get("/api/me/notifications")
+@login_required
+def notifications() -> Response:
+    limit = request.args.get("limit", "50")
+    if not limit.isdigit() or not 1 <= int(limit) <= 200:
+        raise ApiError(400, "INVALID_LIMIT", "limit must be a whole number from 1 to 200.")
+    items = [{
+        "id": item.id,
+        "job_id": str(item.job_id),
+        "event": item.event,
+        "payload": item.payload,
+        "webhook_id": item.webhook_id,
+        "delivered_at": iso(item.delivered_at),
+        "created_at": iso(item.created_at),
+    } for item in inbox(g.user.id, int(limit))]
+    return jsonify({"items": items})
+
+
+@blueprint.post("/api/me/safety-agreement")
+@login_required
+def agree_to_safety_rules() -> Response:
+    if g.user.safety_agreed_at is None:
+        g.user.safety_agreed_at = func.now()
+        db.session.commit()
+    return jsonify(profile())
