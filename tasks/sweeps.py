@@ -53,5 +53,6 @@ def reconcile() -> None:
             countdown = max(0.0, (next_retry_at - now).total_seconds()) if next_retry_at else None
             log.info("📋 [QUEUE] job %s has no message in the broker; re-publishing", job_id)
             dispatch.publish_attempt(job_id, kind, countdown=countdown)
-    for notification_id in notifications.overdue_deliveries(grace):
+    # A delivery in flight has pushed next_delivery_at past itself, so a short grace is enough.
+    for notification_id in notifications.overdue_deliveries(timedelta(seconds=2 * config.queue_check_interval)):
         dispatch.publish_delivery(notification_id)

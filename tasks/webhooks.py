@@ -43,7 +43,7 @@ def signed_request(secret: str, webhook_id: str, body: str) -> dict:
              max_retries=MAX_DELIVERY_ATTEMPTS, ignore_result=True)
 def deliver(self, notification_id: int) -> None:
     config = settings()
-    delivery = notifications.claim_delivery(notification_id, DELIVERY_TIMEOUT + 30)
+    delivery = notifications.claim_delivery(notification_id, DELIVERY_TIMEOUT + 5)
     if delivery is None:
         return  # delivered already, not due, or a redelivered copy of a message being handled
     with job_logging(delivery.job_id):
