@@ -47,8 +47,9 @@ def publish_attempt(job_id: uuid.UUID, kind: str, countdown: Optional[float] = N
     """Send one attempt of a committed job to the workers, and remember which broker has it."""
     epoch = broker_epoch()
     kwargs = {"ticket": str(ticket)} if ticket else {}
-    current_app.extensions["celery"].send_task(ATTEMPT_TASK, args=[str(job_id)], kwargs=kwargs,
-                             countdown=countdown, **time_limits(kind))
+    # The task id is the job id: every message of a job shares it, so a cancel can revoke them all.
+    current_app.extensions["celery"].send_task(ATTEMPT_TASK, args=[str(job_id)], kwargs=kwargs, task_id=str(job_id),
+                                               countdown=countdown, **time_limits(kind))
     lifecycle.mark_published(job_id, epoch)
     log.info("📋 [QUEUE] job %s published%s", job_id, "" if not countdown else " to run in %.3gs" % countdown)
 
@@ -64,8 +65,11 @@ def try_publish(job_id: uuid.UUID, kind: str) -> bool:
         return False
 
 
-FINISHED_CHANNEL = "renderq:jobs:finished"
 DELIVER_TASK = "renderq.notifications.deliver"
+
+
+def finished_channel(job_id: uuid.UUID) -> str:
+    return "renderq:job-finished:%s" % job_id
 
 
 def publish_delivery(notification_id: int, countdown: Optional[float] = None) -> None:
@@ -78,6 +82,6 @@ def announce(finished: lifecycle.Finished) -> None:
     try:
         if finished.notification_id is not None:
             publish_delivery(finished.notification_id)
-        redis_client().publish(FINISHED_CHANNEL, str(finished.job_id))
+        redis_client().publish(finished_channel(finished.job_id), finished.status)
     except Exception:
         log.warning("📋 [QUEUE] job %s finished but could not be announced now", finished.job_id, exc_info=True)

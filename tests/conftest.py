@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -67,7 +68,7 @@ def log_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def base_env(database_url, redis_url, tmp_path_factory) -> dict:
     env = {key: value for key, value in os.environ.items() if not key.startswith("GENERATOR_")}
-    env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, APP_ENV="test", WEBHOOK_SECRET=WEBHOOK_SECRET,
+    env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, APP_ENV="production", WEBHOOK_SECRET=WEBHOOK_SECRET,
                MEDIA_ROOT=str(tmp_path_factory.mktemp("media")), **FAST_TIMINGS)
     return env
 
@@ -84,6 +85,22 @@ def stack_env(base_env, generator) -> dict:
     return {**base_env, "GENERATOR_URL": generator}
 
 
+# What a production response must never show (SPEC §5): stack traces, exception classes,
+# SQL, file paths, the addresses of internal services.
+LEAKS = re.compile(r"Traceback|File \"|\b[A-Z][a-z]+[A-Za-z]*(?:Error|Exception)\b|\b(?:SELECT|INSERT INTO|UPDATE \w+ SET)\b"
+                   r"|psycopg|sqlalchemy|site-packages|\.py\b|/work/|/tmp/|:5432|:6379")
+LEAKED: list[str] = []
+
+
+def check_for_leaks(response):
+    if response.mimetype in ("application/json", "text/html", "text/plain") and not response.direct_passthrough:
+        body = response.get_data(as_text=True)
+        match = LEAKS.search(body)
+        if match:
+            LEAKED.append("%s: %r in %s" % (response.status, match.group(0), body[:300]))
+    return response
+
+
 @pytest.fixture(scope="session")
 def app(stack_env):
     from flask_migrate import upgrade
@@ -91,9 +108,18 @@ def app(stack_env):
     from webapp import create_app
 
     app = create_app(stack_env)
+    app.after_request(check_for_leaks)
     with app.app_context():
         upgrade()
     return app
+
+
+@pytest.fixture(autouse=True)
+def no_leaks_in_responses():
+    """Every response the suite receives from the app is checked, in production mode."""
+    LEAKED.clear()
+    yield
+    assert not LEAKED, "responses leaked internals: %s" % LEAKED
 
 
 class Stack:

@@ -29,11 +29,12 @@ def create_app(config: Optional[Mapping[str, str]] = None) -> Flask:
     migrate.init_app(app, db, directory=MIGRATIONS)
 
     from tasks.base import celery_init_app
-    from webapp import api, api_me, cli, errors
+    from webapp import api, api_me, api_monitoring, cli, errors
 
     celery_init_app(app)
     errors.register(app)
     app.register_blueprint(api.blueprint)
     app.register_blueprint(api_me.blueprint)
+    app.register_blueprint(api_monitoring.blueprint)
     cli.register(app)
     return app

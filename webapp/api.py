@@ -7,12 +7,14 @@ from typing import Optional
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_file
 from sqlalchemy import select, text
 
+from tasks import dispatch
 from tasks.dispatch import redis_client
-from webapp import storage, submissions
+from webapp import idempotency, lifecycle, storage, submissions, waiting
 from webapp.auth import ensure_owner_or_admin, login_required
 from webapp.errors import ApiError
 from webapp.extensions import db
-from webapp.models import SUCCEEDED, Job, Photo
+from webapp.models import STATUSES, SUCCEEDED, TERMINAL_STATUSES, Job, Photo, User
+from webapp.paging import page_of_jobs
 from webapp.resources import job_resource, locale_of
 from webapp.uploads import check_image
 
@@ -67,6 +69,21 @@ def _result_file(job: Job) -> Response:
     return send_file(storage.absolute_path(_settings().media_root, job.result_path), mimetype="image/png")
 
 
+def _accepted(job: Job) -> Response:
+    """202 with the job; with `Prefer: wait=N`, 200 if it became terminal within N seconds."""
+    wait = waiting.requested_wait()
+    if wait and job.status not in TERMINAL_STATUSES:
+        job_id, user_id = job.id, g.user.id
+        waiting.wait_until_terminal(job_id, wait)  # closes the session: reload what the answer needs
+        g.user = db.session.get(User, user_id)
+        job = db.session.get(Job, job_id)
+    if job.status in TERMINAL_STATUSES and wait is not None:
+        return _job_json(job, 200)
+    response = _job_json(job, 202)
+    response.headers["Location"] = "/api/jobs/%s" % job.id
+    return response
+
+
 @blueprint.post("/api/photos")
 @login_required
 def upload_photo() -> Response:
@@ -76,8 +93,67 @@ def upload_photo() -> Response:
     kind = submissions.resolve_kind(request.form.get("kind"), default="photo.render")
     params = submissions.check_params(request.form.get("style"), request.form.get("prompt"))
     image = check_image(upload.read(), _settings().max_upload_bytes)
-    job = submissions.submit(g.user.id, kind, params, _settings(), image=image)
-    return _job_json(job, 202)
+    key = idempotency.requested_key()
+    return _accepted(submissions.submit(g.user.id, kind, params, _settings(), image=image, idempotency_key=key))
+
+
+@blueprint.post("/api/jobs")
+@login_required
+def create_job() -> Response:
+    if not request.is_json:
+        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Send a JSON body with Content-Type: application/json.")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "INVALID_BODY", "The body must be a JSON object: {kind, params, photo_id?}.")
+    unknown = set(body) - {"kind", "params", "photo_id"}
+    if unknown:
+        raise ApiError(400, "INVALID_BODY", "Unknown fields: %s; expected kind, params, photo_id." % ", ".join(sorted(unknown)))
+    kind = submissions.resolve_kind(body.get("kind"), default="image.generate")
+    params = body.get("params") or {}
+    if not isinstance(params, dict) or set(params) - {"style", "prompt"} or \
+            not all(isinstance(value, str) for value in params.values()):
+        raise ApiError(400, "INVALID_PARAMS", "params must be an object with string fields 'style' and 'prompt'.")
+    params = submissions.check_params(params.get("style"), params.get("prompt"))
+    photo = None
+    if body.get("photo_id") is not None:
+        if not isinstance(body["photo_id"], str):
+            raise ApiError(400, "INVALID_PHOTO_ID", "photo_id must be a string id from POST /api/photos.")
+        photo = _visible_photo(body["photo_id"])
+    key = idempotency.requested_key()
+    return _accepted(submissions.submit(g.user.id, kind, params, _settings(), photo=photo, idempotency_key=key))
+
+
+@blueprint.post("/api/jobs/<job_id>/cancel")
+@login_required
+def cancel_job(job_id: str) -> Response:
+    job = _visible_job(job_id)
+    finished = lifecycle.cancel(job.id, _settings()) if job.status not in TERMINAL_STATUSES else None
+    if finished is None:
+        db.session.rollback()
+        raise ApiError(409, "JOB_FINISHED", "The job is already %s and cannot be canceled."
+                       % db.session.get(Job, job.id, populate_existing=True).status)
+    current_app.extensions["celery"].control.revoke(str(job.id))  # workers drop its waiting messages
+    dispatch.announce(finished)
+    return _job_json(db.session.get(Job, job.id, populate_existing=True))
+
+
+@blueprint.get("/api/users/<int:user_id>/jobs")
+@login_required
+def list_user_jobs(user_id: int) -> Response:
+    ensure_owner_or_admin(user_id)  # first, so others cannot probe which user ids exist
+    if db.session.get(User, user_id) is None:
+        raise ApiError(404, "NOT_FOUND", "No user with id %d." % user_id)
+    query = select(Job).where(Job.user_id == user_id)
+    status, kind = request.args.get("status"), request.args.get("kind")
+    if status:
+        if status not in STATUSES:
+            raise ApiError(400, "INVALID_STATUS", "Unknown status %r; valid: %s." % (status, ", ".join(STATUSES)))
+        query = query.where(Job.status == status)
+    if kind:
+        query = query.where(Job.kind == submissions.resolve_kind(kind, default=kind).name)
+    jobs, next_cursor = page_of_jobs(query)
+    locale = locale_of(g.user, _settings().default_locale)
+    return jsonify({"items": [job_resource(job, locale) for job in jobs], "next_cursor": next_cursor})
 
 
 @blueprint.get("/api/photos/<photo_id>/status")

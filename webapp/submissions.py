@@ -1,6 +1,7 @@
 """Accepting work: validate, store the photo, insert the job, commit, then publish its id."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from typing import Optional
@@ -8,7 +9,7 @@ from typing import Optional
 from config import Settings
 from config.kinds import STYLES, JobKind, get_kind
 from tasks.dispatch import try_publish
-from webapp import ledger, storage
+from webapp import idempotency, ledger, storage
 from webapp.errors import ApiError
 from webapp.extensions import db
 from webapp.logs import job_logging
@@ -48,13 +49,22 @@ def _store_photo(user: User, image: CheckedImage, settings: Settings) -> Photo:
     return photo
 
 
-def submit(user_id: int, kind: JobKind, params: dict, settings: Settings,
-           image: Optional[CheckedImage] = None, photo: Optional[Photo] = None) -> Job:
+def submit(user_id: int, kind: JobKind, params: dict, settings: Settings, *,
+           image: Optional[CheckedImage] = None, photo: Optional[Photo] = None,
+           idempotency_key: Optional[str] = None) -> Job:
     """Hold the price, store the photo, insert the job and commit; publish only after the
-    commit (SPEC §11). A refusal (402) stores nothing."""
+    commit (SPEC §11). A refusal (402) stores nothing; a replayed Idempotency-Key returns
+    the job the first request made."""
     if kind.needs_photo and image is None and photo is None:
         raise ApiError(400, "PHOTO_REQUIRED", "Kind %r needs a photo: upload one in the 'file' field." % kind.name)
     user = ledger.lock_user(user_id)
+    if idempotency_key:
+        digest = idempotency.fingerprint(kind=kind.name, params=params, photo=str(photo.id) if photo else None,
+                                         image=hashlib.sha256(image.data).hexdigest() if image else None)
+        replayed = idempotency.replayed_job(user.id, idempotency_key, digest)
+        if replayed is not None:
+            db.session.commit()
+            return db.session.get(Job, replayed)
     job_id = uuid.uuid4()
     ledger.hold(user, job_id, kind.price)
     if image is not None:
@@ -62,6 +72,9 @@ def submit(user_id: int, kind: JobKind, params: dict, settings: Settings,
     job = Job(id=job_id, user_id=user.id, photo_id=photo.id if photo else None,
               kind=kind.name, params=params, price=kind.price)
     db.session.add(job)
+    if idempotency_key:
+        db.session.flush()
+        idempotency.remember(user.id, idempotency_key, digest, job_id)
     db.session.commit()
     with job_logging(job.id):
         log.info("📋 [QUEUE] job %s accepted (%s) for user %s", job.id, kind.name, user.id)

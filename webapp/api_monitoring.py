@@ -1,0 +1,109 @@
+"""Monitoring for users and admins (the seed's views, snake_case), and the admin's retry."""
+from __future__ import annotations
+
+import uuid
+from typing import Optional
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from sqlalchemy import select
+
+from tasks import dispatch
+from webapp import lifecycle, stats
+from webapp.auth import admin_required, login_required
+from webapp.errors import ApiError
+from webapp.extensions import db
+from webapp.models import STATUSES, Job, User
+from webapp.paging import page_of_jobs
+from webapp.resources import iso, job_resource, locale_of
+
+blueprint = Blueprint("monitoring", __name__)
+
+
+def _settings():
+    return current_app.extensions["renderq.settings"]
+
+
+def _broker_queue_depth() -> Optional[int]:
+    try:
+        return int(dispatch.redis_client().llen("celery"))
+    except Exception:  # the broker is down: say so with null rather than fail the whole view
+        return None
+
+
+def _workers_online() -> Optional[int]:
+    try:
+        return len(current_app.extensions["celery"].control.ping(timeout=0.5))
+    except Exception:
+        return None
+
+
+@blueprint.get("/api/queue/stats")
+@login_required
+def queue_stats() -> Response:
+    by_status, by_kind = stats.counts()
+    return jsonify({
+        "counts_by_status": by_status,
+        "counts_by_kind": by_kind,
+        "broker_queue_depth": _broker_queue_depth(),
+        "workers_online": _workers_online(),
+        "attempt_duration_last_hour": stats.attempt_durations(),
+    })
+
+
+def _user_filter() -> Optional[int]:
+    raw = request.args.get("user_id")
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit():
+        raise ApiError(400, "INVALID_USER_ID", "user_id must be a whole number.")
+    if db.session.get(User, int(raw)) is None:
+        raise ApiError(404, "NOT_FOUND", "No user with id %s." % raw)
+    return int(raw)
+
+
+@blueprint.get("/api/admin/background-stats")
+@admin_required
+def background_stats() -> Response:
+    user_id = _user_filter()
+    return jsonify({"user_id": user_id, **stats.background(user_id)})
+
+
+def _internal(job: Job, locale: str) -> dict:
+    return {**job_resource(job, locale), "error_code": job.error_code, "error_detail": job.error_detail,
+            "lease_expires_at": iso(job.lease_expires_at), "published_at": iso(job.published_at)}
+
+
+@blueprint.get("/api/admin/api-requests")
+@admin_required
+def api_requests() -> Response:
+    query = select(Job)
+    user_id = _user_filter()
+    if user_id is not None:
+        query = query.where(Job.user_id == user_id)
+    status = request.args.get("status")
+    if status:
+        if status not in STATUSES:
+            raise ApiError(400, "INVALID_STATUS", "Unknown status %r; valid: %s." % (status, ", ".join(STATUSES)))
+        query = query.where(Job.status == status)
+    jobs, next_cursor = page_of_jobs(query)
+    locale = locale_of(g.user, _settings().default_locale)
+    return jsonify({"items": [_internal(job, locale) for job in jobs], "next_cursor": next_cursor})
+
+
+@blueprint.post("/api/admin/jobs/<job_id>/retry")
+@admin_required
+def retry_job(job_id: str) -> Response:
+    try:
+        job_uuid = uuid.UUID(job_id)
+    except ValueError:
+        raise ApiError(404, "NOT_FOUND", "No job with id %r." % job_id) from None
+    job = db.session.get(Job, job_uuid)
+    if job is None:
+        raise ApiError(404, "NOT_FOUND", "No job with id %r." % job_id)
+    if not lifecycle.requeue_failed(job_uuid):
+        db.session.rollback()
+        raise ApiError(409, "JOB_NOT_FAILED", "Only failed jobs can be retried; this one is %s." % job.status)
+    db.session.commit()
+    dispatch.try_publish(job_uuid, job.kind)
+    job = db.session.get(Job, job_uuid, populate_existing=True)
+    return jsonify(job_resource(job, locale_of(g.user, _settings().default_locale)))

@@ -1,0 +1,53 @@
+"""`Idempotency-Key`: the same key and body within 24 h give back the same job, no second hold."""
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Optional
+
+from flask import request
+
+from webapp.errors import ApiError
+from webapp.extensions import db
+from webapp.models import IdempotencyKey
+
+KEY_LIFETIME = timedelta(hours=24)
+MAX_KEY_LENGTH = 255
+
+
+def requested_key() -> Optional[str]:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise ApiError(400, "INVALID_IDEMPOTENCY_KEY", "Idempotency-Key must be 1 to %d characters." % MAX_KEY_LENGTH)
+    return key
+
+
+def fingerprint(**parts: object) -> str:
+    """A digest of what was asked for: same key with another body is a client error."""
+    canonical = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def replayed_job(user_id: int, key: str, digest: str) -> Optional[uuid.UUID]:
+    """The job an earlier request with this key made, if still valid; 422 if the body differs.
+    Runs under the user's row lock, so two requests with one key cannot both miss."""
+    existing = db.session.get(IdempotencyKey, (user_id, key), populate_existing=True)
+    if existing is None:
+        return None
+    if existing.created_at < datetime.now(timezone.utc) - KEY_LIFETIME:
+        db.session.delete(existing)
+        db.session.flush()
+        return None
+    if existing.fingerprint != digest:
+        raise ApiError(422, "IDEMPOTENCY_KEY_REUSED",
+                       "This Idempotency-Key was used with a different request; use a new key for a new request.")
+    return existing.job_id
+
+
+def remember(user_id: int, key: str, digest: str, job_id: uuid.UUID) -> None:
+    db.session.add(IdempotencyKey(user_id=user_id, key=key, fingerprint=digest, job_id=job_id))
