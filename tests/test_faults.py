@@ -75,3 +75,27 @@ def test_a_publish_that_fails_leaves_the_job_pending_for_the_reconciler(app, cli
     assert job["status"] == "pending"
     job = wait_terminal(client, token, job["id"])
     assert (job["status"], job["attempts"]) == ("completed", 1)
+
+
+def test_database_connections_dropped_mid_attempt_every_job_still_ends_once(app, client, user, generator):
+    """What clients see of a PostgreSQL restart: every open connection dies at once."""
+    from sqlalchemy import text
+
+    from webapp.extensions import db
+
+    _, token = user
+    job_ids = [upload(client, token, prompt="[slow:1200]").get_json()["id"] for _ in range(3)]
+    wait_for(lambda: any(generator_calls(generator, job_id)["in_flight"] for job_id in job_ids),
+             what="attempts to be running")
+    with app.app_context():
+        killed = db.session.execute(text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+        db.session.rollback()
+    assert killed >= 1
+    for job_id in job_ids:
+        job = wait_terminal(client, token, job_id, timeout=90)
+        assert (job["status"], job["outcome"]) == ("completed", "succeeded")
+        assert job["attempts"] == generator_calls(generator, job_id)["calls"] <= 2
+    me = client.get("/api/me", headers={"Authorization": "Bearer " + token}).get_json()
+    assert me["balance"] == me["available"] == 1000 - len(job_ids)  # each charged exactly once
