@@ -96,6 +96,7 @@ def test_database_connections_dropped_mid_attempt_every_job_still_ends_once(app,
     for job_id in job_ids:
         job = wait_terminal(client, token, job_id, timeout=90)
         assert (job["status"], job["outcome"]) == ("completed", "succeeded")
-        assert job["attempts"] == generator_calls(generator, job_id)["calls"] <= 2
+        # an attempt cut off before it reached the generator still counts (SPEC §11: recovered = transient)
+        assert 1 <= generator_calls(generator, job_id)["calls"] <= job["attempts"] <= 2
     me = client.get("/api/me", headers={"Authorization": "Bearer " + token}).get_json()
     assert me["balance"] == me["available"] == 1000 - len(job_ids)  # each charged exactly once
