@@ -72,6 +72,14 @@ def main() -> None:
         print("attempts histogram (attempts: jobs):")
         for attempts, count in stack.query("SELECT attempts, count(*) FROM jobs GROUP BY 1 ORDER BY 1"):
             print("  %d: %d" % (attempts, count))
+        (charged,), = stack.query("SELECT coalesce(sum(amount), 0) FROM ledger_entries WHERE entry_type = 'capture'")
+        (delivered,), = stack.query("SELECT coalesce(sum(price), 0) FROM jobs WHERE outcome = 'succeeded'")
+        (notified,), = stack.query("SELECT count(*) FROM notifications")
+        (told,), = stack.query("SELECT count(*) FROM jobs WHERE outcome IN ('succeeded', 'blocked')")
+        (open_holds,), = stack.query("SELECT coalesce(sum(held), 0) FROM users")
+        print("credits charged: %d, price of renders delivered: %d, credits still on hold: %d"
+              % (charged, delivered, open_holds))
+        print("notifications: %d, succeeded + blocked jobs: %d" % (notified, told))
         calls = requests.get(stack.generator_url + "/v1/stats", timeout=5).json()["calls"]
         recorded = stack.query("SELECT sum(attempts) FROM jobs")[0][0]
         print("generator calls seen by the generator: %d, attempts recorded in jobs: %d" % (calls, recorded))

@@ -15,7 +15,7 @@ from flask import current_app
 
 from config import Settings
 from config.kinds import get_kind
-from tasks import dispatch
+from tasks import dispatch, throttle
 from tasks.errors import GeneratorFailure, PermanentFailure, RetryLater, SafetyBlock, TransientFailure, classify_exception
 from webapp import history, lifecycle, storage
 from webapp.extensions import db
@@ -80,29 +80,39 @@ def _claim(job_id: uuid.UUID, ticket: Optional[uuid.UUID], config: Settings) -> 
 
 
 def run_attempt(job_id: uuid.UUID, ticket: Optional[uuid.UUID] = None) -> None:
-    """Run one attempt if this message may; raises RetryLater when the fast ladder goes on."""
+    """Run one attempt if this message may; raises RetryLater when the fast ladder goes on
+    and Throttled when the generator has no free slot."""
     config = settings()
     with job_logging(job_id):
-        claim = _claim(job_id, ticket, config)
-        if claim is None:
-            log.info("📋 [QUEUE] job %s is not due or is claimed elsewhere; this message steps aside", job_id)
+        owner = lifecycle.owner_and_kind(job_id)
+        if owner is None:
+            log.info("📋 [QUEUE] job %s no longer exists; this message steps aside", job_id)
             return
-        tier = "background try %d" % claim.retry_count if claim.retry_count else "fast ladder"
-        log.info("🔧 [JOB_PROCESSOR] attempt %d of job %s (%s, %s)", claim.attempts, job_id, claim.kind, tier)
-        started_at, clock = history.now(), time.monotonic()
-        with LeaseKeeper(claim, config.job_lease_seconds):
-            try:
-                image = _call_generator(claim, config)
-            except Exception as error:
-                failure = classify_exception(error)
-                if failure is None:
-                    raise  # a bug, not the generator: the lease expires and the reconciler recovers the job
-                history.record_attempt(claim, _attempt_outcome(failure), failure.code, started_at,
-                                       time.monotonic() - clock)
-                _record_failure(claim, failure, config)
-                return
-        history.record_attempt(claim, "succeeded", None, started_at, time.monotonic() - clock)
-        _record_success(claim, image, config)
+        with throttle.generator_slot(config, *owner):
+            _attempt(job_id, ticket, config)
+
+
+def _attempt(job_id: uuid.UUID, ticket: Optional[uuid.UUID], config: Settings) -> None:
+    claim = _claim(job_id, ticket, config)
+    if claim is None:
+        log.info("📋 [QUEUE] job %s is not due or is claimed elsewhere; this message steps aside", job_id)
+        return
+    tier = "background try %d" % claim.retry_count if claim.retry_count else "fast ladder"
+    log.info("🔧 [JOB_PROCESSOR] attempt %d of job %s (%s, %s)", claim.attempts, job_id, claim.kind, tier)
+    started_at, clock = history.now(), time.monotonic()
+    with LeaseKeeper(claim, config.job_lease_seconds):
+        try:
+            image = _call_generator(claim, config)
+        except Exception as error:
+            failure = classify_exception(error)
+            if failure is None:
+                raise  # a bug, not the generator: the lease expires and the reconciler recovers the job
+            history.record_attempt(claim, _attempt_outcome(failure), failure.code, started_at,
+                                   time.monotonic() - clock)
+            _record_failure(claim, failure, config)
+            return
+    history.record_attempt(claim, "succeeded", None, started_at, time.monotonic() - clock)
+    _record_success(claim, image, config)
 
 
 def _attempt_outcome(failure: GeneratorFailure) -> str:

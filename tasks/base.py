@@ -26,7 +26,8 @@ class LadderTask(AppContextTask):
     """`autoretry_for` with the fast ladder's countdowns.
 
     The attempt decides the delay from the job row (SPEC §2 ladder, at least Retry-After)
-    and raises RetryLater(countdown); Celery's own retry machinery re-publishes the message.
+    and raises RetryLater(countdown) (or Throttled when no generator slot is free); Celery's
+    own retry machinery re-publishes the message.
     """
 
     def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None,

@@ -84,3 +84,8 @@ class RetryLater(Exception):
     def __init__(self, countdown: float):
         super().__init__("retry in %.3fs" % countdown)
         self.countdown = countdown
+
+
+class Throttled(RetryLater):
+    """No generator slot was free (GENERATOR_MAX_INFLIGHT); the message comes back later
+    without spending an attempt."""

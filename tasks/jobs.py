@@ -16,7 +16,7 @@ from tasks.errors import RetryLater
     bind=True,
     base=LadderTask,
     name="renderq.jobs.attempt",
-    # RetryLater carries the ladder's countdown; a database outage retries after the default delay.
+    # RetryLater (and Throttled) carry their countdown; a database outage retries after the default delay.
     autoretry_for=(RetryLater, DBAPIError),
     default_retry_delay=5,
     max_retries=None,  # the job row counts attempts; a re-published message must not reset them

@@ -12,14 +12,14 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-import psycopg
 import pytest
 import redis
 import requests
 from PIL import Image
-from sqlalchemy.engine import make_url
 
-from tests.support import Process, beat_command, start_generator, wait_for, worker_command
+from tests.support import (
+    Process, beat_command, create_database, drop_database, redis_database, start_generator, wait_for, worker_command,
+)
 
 TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "14"))
 
@@ -34,26 +34,20 @@ FAST_TIMINGS = {
 }
 
 
-def _admin_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+BASE_DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+BASE_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
-    base = os.environ.get("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-    name = "renderq_test_%s" % uuid.uuid4().hex[:8]
-    with psycopg.connect(_admin_dsn(base), autocommit=True) as admin:
-        admin.execute("CREATE DATABASE %s" % name)
-    yield make_url(base).set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
-    with psycopg.connect(_admin_dsn(base), autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        admin.execute("DROP DATABASE IF EXISTS %s" % name)
+    url = create_database(BASE_DATABASE_URL)
+    yield url
+    drop_database(url)
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    url = base.rsplit("/", 1)[0] + "/%d" % TEST_REDIS_DB if base.count("/") > 2 else base + "/%d" % TEST_REDIS_DB
+    url = redis_database(BASE_REDIS_URL, TEST_REDIS_DB)
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url

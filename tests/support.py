@@ -7,10 +7,13 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
+import psycopg
 import requests
+from sqlalchemy.engine import make_url
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,3 +97,27 @@ def worker_command(concurrency: int = 2) -> list[str]:
 
 def beat_command(schedule: Path) -> list[str]:
     return [str(BIN / "celery"), "-A", "tasks", "beat", "--schedule", str(schedule), "--loglevel", "INFO"]
+
+
+def _admin_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+
+
+def create_database(base_url: str, prefix: str = "renderq_test") -> str:
+    """A new empty database on `base_url`'s server; its SQLAlchemy URL."""
+    name = "%s_%s" % (prefix, uuid.uuid4().hex[:8])
+    with psycopg.connect(_admin_dsn(base_url), autocommit=True) as admin:
+        admin.execute("CREATE DATABASE %s" % name)
+    return make_url(base_url).set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
+
+
+def drop_database(url: str) -> None:
+    name = make_url(url).database
+    with psycopg.connect(_admin_dsn(url), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        admin.execute("DROP DATABASE IF EXISTS %s" % name)
+
+
+def redis_database(base_url: str, index: int) -> str:
+    """`base_url` pointed at database `index` of the same Redis server."""
+    return (base_url.rsplit("/", 1)[0] if base_url.count("/") > 2 else base_url) + "/%d" % index

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
-from tests.conftest import generator_calls, job_json, png_bytes, upload, wait_terminal
-from tests.support import wait_for
+from tests.conftest import BASE_REDIS_URL, TEST_REDIS_DB, generator_calls, job_json, png_bytes, upload, wait_terminal
+from tests.support import redis_database, wait_for
 from webapp.extensions import db
 
 
@@ -321,7 +321,7 @@ def test_queue_stats(client, alice):
 def test_queue_stats_answers_fast_with_no_worker(stack_env, make_user, stack):
     from webapp import create_app
 
-    lonely = create_app({**stack_env, "REDIS_URL": stack_env["REDIS_URL"].rsplit("/", 1)[0] + "/12"})
+    lonely = create_app({**stack_env, "REDIS_URL": redis_database(BASE_REDIS_URL, TEST_REDIS_DB - 2)})
     _, token = make_user()
     started = time.monotonic()
     stats = lonely.test_client().get("/api/queue/stats", headers=auth(token)).get_json()

@@ -101,6 +101,12 @@ def _claim_from(row: Any, token: uuid.UUID) -> Claim:
                  row.attempts, row.retry_count, row.created_at)
 
 
+def owner_and_kind(job_id: uuid.UUID) -> Optional[tuple[int, str]]:
+    row = db.session.execute(select(Job.user_id, Job.kind).where(Job.id == job_id)).first()
+    db.session.rollback()
+    return (row.user_id, row.kind) if row else None
+
+
 def claim(job_id: uuid.UUID, lease_seconds: float) -> Optional[Claim]:
     """Take a pending or due retrying job for one fast-ladder attempt; None if someone else has it."""
     token = uuid.uuid4()
