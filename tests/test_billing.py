@@ -9,7 +9,7 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from tests.conftest import generator_calls, png_bytes, upload, wait_terminal
+from tests.conftest import png_bytes, upload, wait_terminal
 from tests.support import BIN, Process, free_port, wait_for
 from webapp.extensions import db
 from webapp.models import LedgerEntry, User

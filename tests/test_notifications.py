@@ -2,7 +2,6 @@
 signed webhook per notification that a Standard Webhooks library verifies."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid

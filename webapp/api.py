@@ -13,8 +13,8 @@ from webapp import idempotency, lifecycle, storage, submissions, waiting
 from webapp.auth import ensure_owner_or_admin, login_required
 from webapp.errors import ApiError
 from webapp.extensions import db
-from webapp.models import STATUSES, SUCCEEDED, TERMINAL_STATUSES, Job, Photo, User
-from webapp.paging import page_of_jobs
+from webapp.models import SUCCEEDED, TERMINAL_STATUSES, Job, Photo, User
+from webapp.paging import filtered_by_status, page_of_jobs
 from webapp.resources import job_resource, locale_of
 from webapp.uploads import check_image
 
@@ -143,12 +143,8 @@ def list_user_jobs(user_id: int) -> Response:
     ensure_owner_or_admin(user_id)  # first, so others cannot probe which user ids exist
     if db.session.get(User, user_id) is None:
         raise ApiError(404, "NOT_FOUND", "No user with id %d." % user_id)
-    query = select(Job).where(Job.user_id == user_id)
-    status, kind = request.args.get("status"), request.args.get("kind")
-    if status:
-        if status not in STATUSES:
-            raise ApiError(400, "INVALID_STATUS", "Unknown status %r; valid: %s." % (status, ", ".join(STATUSES)))
-        query = query.where(Job.status == status)
+    query = filtered_by_status(select(Job).where(Job.user_id == user_id))
+    kind = request.args.get("kind")
     if kind:
         query = query.where(Job.kind == submissions.resolve_kind(kind, default=kind).name)
     jobs, next_cursor = page_of_jobs(query)

@@ -12,8 +12,8 @@ from webapp import lifecycle, stats
 from webapp.auth import admin_required, login_required
 from webapp.errors import ApiError
 from webapp.extensions import db
-from webapp.models import STATUSES, Job, User
-from webapp.paging import page_of_jobs
+from webapp.models import Job, User
+from webapp.paging import filtered_by_status, page_of_jobs
 from webapp.resources import iso, job_resource, locale_of
 
 blueprint = Blueprint("monitoring", __name__)
@@ -76,15 +76,10 @@ def _internal(job: Job, locale: str) -> dict:
 @blueprint.get("/api/admin/api-requests")
 @admin_required
 def api_requests() -> Response:
-    query = select(Job)
+    query = filtered_by_status(select(Job))
     user_id = _user_filter()
     if user_id is not None:
         query = query.where(Job.user_id == user_id)
-    status = request.args.get("status")
-    if status:
-        if status not in STATUSES:
-            raise ApiError(400, "INVALID_STATUS", "Unknown status %r; valid: %s." % (status, ", ".join(STATUSES)))
-        query = query.where(Job.status == status)
     jobs, next_cursor = page_of_jobs(query)
     locale = locale_of(g.user, _settings().default_locale)
     return jsonify({"items": [_internal(job, locale) for job in jobs], "next_cursor": next_cursor})

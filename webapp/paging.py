@@ -11,7 +11,7 @@ from sqlalchemy import Select, tuple_
 
 from webapp.errors import ApiError
 from webapp.extensions import db
-from webapp.models import Job
+from webapp.models import STATUSES, Job
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
 
@@ -33,6 +33,16 @@ def _decode(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 def _encode(job: Job) -> str:
     return base64.urlsafe_b64encode(("%s|%s" % (job.created_at.isoformat(), job.id)).encode()).decode()
+
+
+def filtered_by_status(query: Select) -> Select:
+    """`query` narrowed to `?status=`, if given; 400 for a status that does not exist."""
+    status = request.args.get("status")
+    if not status:
+        return query
+    if status not in STATUSES:
+        raise ApiError(400, "INVALID_STATUS", "Unknown status %r; valid: %s." % (status, ", ".join(STATUSES)))
+    return query.where(Job.status == status)
 
 
 def page_of_jobs(query: Select) -> tuple[list[Job], Optional[str]]:
