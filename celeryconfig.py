@@ -49,7 +49,7 @@ def from_settings(settings: Settings) -> dict:
         worker_hijack_root_logger=False,
         timezone="UTC",
         enable_utc=True,
-        include=["tasks.jobs", "tasks.sweeps", "tasks.webhooks"],
+        include=["tasks.jobs", "tasks.sweeps", "tasks.webhooks", "tasks.cleanup"],
         beat_schedule={
             "background-processor": {
                 "task": "renderq.background.process",
@@ -60,6 +60,11 @@ def from_settings(settings: Settings) -> dict:
                 "task": "renderq.queue.reconcile",
                 "schedule": timedelta(seconds=settings.queue_check_interval),
                 "options": {"expires": settings.queue_check_interval},
+            },
+            "cleanup": {
+                "task": "renderq.maintenance.cleanup",
+                "schedule": timedelta(seconds=min(3600, settings.completed_job_ttl)),
+                "options": {"expires": 600},
             },
         },
     )

@@ -19,6 +19,7 @@ from webapp import lifecycle
 log = logging.getLogger(__name__)
 
 EPOCH_KEY = "renderq:broker-epoch"
+BACKGROUND_RUNS_KEY = "renderq:background-processor-runs"
 ATTEMPT_TASK = "renderq.jobs.attempt"
 
 

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 def process_background() -> int:
     """Tier 2: fail what is too old, then claim up to the free background slots and run them."""
     config = settings()
+    dispatch.redis_client().incr(dispatch.BACKGROUND_RUNS_KEY)
     for finished in lifecycle.fail_too_old(config):
         with job_logging(finished.job_id):
             log.info("🔁 [BACKGROUND] job %s failed: past the age limit or out of tries", finished.job_id)

@@ -29,12 +29,14 @@ def create_app(config: Optional[Mapping[str, str]] = None) -> Flask:
     migrate.init_app(app, db, directory=MIGRATIONS)
 
     from tasks.base import celery_init_app
-    from webapp import api, api_me, api_monitoring, cli, errors
+    from webapp import api, api_me, api_monitoring, cli, errors, metrics, page
 
     celery_init_app(app)
     errors.register(app)
     app.register_blueprint(api.blueprint)
     app.register_blueprint(api_me.blueprint)
     app.register_blueprint(api_monitoring.blueprint)
+    app.register_blueprint(metrics.blueprint)
+    app.register_blueprint(page.blueprint)
     cli.register(app)
     return app
