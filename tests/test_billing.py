@@ -10,27 +10,9 @@ import requests
 from sqlalchemy import func, select
 
 from tests.conftest import png_bytes, upload, wait_terminal
-from tests.support import BIN, Process, free_port, wait_for
+from tests.support import wait_for
 from webapp.extensions import db
 from webapp.models import LedgerEntry, User
-
-
-@pytest.fixture(scope="module")
-def web_url(stack, stack_env, log_dir):
-    """The API served by a real gunicorn, for tests that need truly concurrent requests."""
-    url = "http://127.0.0.1:%d" % free_port()
-    process = Process("web", [str(BIN / "gunicorn"), "--bind", url[7:], "--workers", "2", "--threads", "8",
-                              "webapp:create_app()"], stack_env, log_dir).start()
-    wait_for(lambda: _answers(url + "/healthz"), timeout=30, what="gunicorn")
-    yield url
-    process.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).ok
-    except requests.RequestException:
-        return False
 
 
 def me(client, token: str) -> dict:

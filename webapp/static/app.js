@@ -68,7 +68,7 @@ function render(job) {
   $("job-id").textContent = job.id;
   const status = $("job-status");
   status.textContent = job.outcome ? `${job.status} (${job.outcome})` : job.status;
-  status.className = "status " + job.status;
+  status.className = "status " + job.status + (job.outcome === "blocked" ? " blocked" : "");
   $("job-attempts").textContent = job.retry_count ? `${job.attempts} (background tries: ${job.retry_count})` : job.attempts;
   $("job-next-retry").textContent = job.next_retry_at ? time(job.next_retry_at) : "—";
   show($("job-message"), job.message);
