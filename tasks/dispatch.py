@@ -47,7 +47,7 @@ def publish_attempt(job_id: uuid.UUID, kind: str, countdown: Optional[float] = N
                     ticket: Optional[uuid.UUID] = None) -> None:
     """Send one attempt of a committed job to the workers, and remember which broker has it."""
     epoch = broker_epoch()
-    kwargs = {"ticket": str(ticket)} if ticket else {}
+    kwargs = {"kind": kind, **({"ticket": str(ticket)} if ticket else {})}
     # The task id is the job id: every message of a job shares it, so a cancel can revoke them all.
     current_app.extensions["celery"].send_task(ATTEMPT_TASK, args=[str(job_id)], kwargs=kwargs, task_id=str(job_id),
                                                countdown=countdown, **time_limits(kind))

@@ -23,5 +23,6 @@ from tasks.errors import RetryLater
     acks_late=True,
     reject_on_worker_lost=True,
 )
-def attempt(self: LadderTask, job_id: str, ticket: Optional[str] = None) -> None:
+def attempt(self: LadderTask, job_id: str, ticket: Optional[str] = None, kind: Optional[str] = None) -> None:
+    """One attempt of a job. `kind` only labels the message, so Flower lists attempts by kind."""
     run_attempt(uuid.UUID(job_id), uuid.UUID(ticket) if ticket else None)
