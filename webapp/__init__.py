@@ -29,7 +29,7 @@ def create_app(config: Optional[Mapping[str, str]] = None) -> Flask:
     migrate.init_app(app, db, directory=MIGRATIONS)
 
     from tasks.base import celery_init_app
-    from webapp import api, api_me, api_monitoring, cli, errors, metrics, page
+    from webapp import api, api_me, api_monitoring, cli, errors, metrics, openapi, page
 
     celery_init_app(app)
     errors.register(app)
@@ -38,5 +38,6 @@ def create_app(config: Optional[Mapping[str, str]] = None) -> Flask:
     app.register_blueprint(api_monitoring.blueprint)
     app.register_blueprint(metrics.blueprint)
     app.register_blueprint(page.blueprint)
+    app.register_blueprint(openapi.blueprint)
     cli.register(app)
     return app

@@ -14,7 +14,7 @@ from webapp.auth import ensure_owner_or_admin, login_required
 from webapp.errors import ApiError
 from webapp.extensions import db
 from webapp.models import SUCCEEDED, TERMINAL_STATUSES, Job, Photo, User
-from webapp.paging import filtered_by_status, page_of_jobs
+from webapp.paging import MAX_ID, filtered_by_status, page_of_jobs
 from webapp.resources import job_resource, locale_of
 from webapp.uploads import check_image
 
@@ -141,7 +141,7 @@ def cancel_job(job_id: str) -> Response:
 @login_required
 def list_user_jobs(user_id: int) -> Response:
     ensure_owner_or_admin(user_id)  # first, so others cannot probe which user ids exist
-    if db.session.get(User, user_id) is None:
+    if user_id > MAX_ID or db.session.get(User, user_id) is None:
         raise ApiError(404, "NOT_FOUND", "No user with id %d." % user_id)
     query = filtered_by_status(select(Job).where(Job.user_id == user_id))
     kind = request.args.get("kind")

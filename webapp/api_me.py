@@ -8,6 +8,7 @@ from webapp.auth import login_required
 from webapp.errors import ApiError
 from webapp.extensions import db
 from webapp.notifications import inbox
+from webapp.paging import whole_number
 from webapp.resources import iso
 from webapp.urls import UnsafeUrl, check_webhook_url
 
@@ -70,9 +71,7 @@ def _checked_webhook_url(url: object) -> str | None:
 @blueprint.get("/api/me/notifications")
 @login_required
 def notifications() -> Response:
-    limit = request.args.get("limit", "50")
-    if not limit.isdigit() or not 1 <= int(limit) <= 200:
-        raise ApiError(400, "INVALID_LIMIT", "limit must be a whole number from 1 to 200.")
+    limit = whole_number(request.args.get("limit", "50"), "limit", 1, 200)
     items = [{
         "id": item.id,
         "job_id": str(item.job_id),
@@ -81,7 +80,7 @@ def notifications() -> Response:
         "webhook_id": item.webhook_id,
         "delivered_at": iso(item.delivered_at),
         "created_at": iso(item.created_at),
-    } for item in inbox(g.user.id, int(limit))]
+    } for item in inbox(g.user.id, limit)]
     return jsonify({"items": items})
 
 

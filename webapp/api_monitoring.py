@@ -13,7 +13,7 @@ from webapp.auth import admin_required, login_required
 from webapp.errors import ApiError
 from webapp.extensions import db
 from webapp.models import Job, User
-from webapp.paging import filtered_by_status, page_of_jobs
+from webapp.paging import MAX_ID, filtered_by_status, page_of_jobs, whole_number
 from webapp.resources import iso, job_resource, locale_of
 
 blueprint = Blueprint("monitoring", __name__)
@@ -54,11 +54,10 @@ def _user_filter() -> Optional[int]:
     raw = request.args.get("user_id")
     if raw is None or raw == "":
         return None
-    if not raw.isdigit():
-        raise ApiError(400, "INVALID_USER_ID", "user_id must be a whole number.")
-    if db.session.get(User, int(raw)) is None:
-        raise ApiError(404, "NOT_FOUND", "No user with id %s." % raw)
-    return int(raw)
+    user_id = whole_number(raw, "user_id", 1, MAX_ID)
+    if db.session.get(User, user_id) is None:
+        raise ApiError(404, "NOT_FOUND", "No user with id %d." % user_id)
+    return user_id
 
 
 @blueprint.get("/api/admin/background-stats")

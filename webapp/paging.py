@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from datetime import datetime
 from typing import Any, Optional
@@ -14,13 +15,20 @@ from webapp.extensions import db
 from webapp.models import STATUSES, Job
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
+MAX_ID = 2 ** 63 - 1  # PostgreSQL's bigint: no larger id can exist
+_WHOLE = re.compile(r"[0-9]{1,19}")
+
+
+def whole_number(raw: str, name: str, low: int, high: int) -> int:
+    """`raw` as an int from low to high, or a 400 naming the parameter (ASCII digits only:
+    str.isdigit() would let '²' through to int())."""
+    if not _WHOLE.fullmatch(raw) or not low <= int(raw) <= high:
+        raise ApiError(400, "INVALID_%s" % name.upper(), "%s must be a whole number from %d to %d." % (name, low, high))
+    return int(raw)
 
 
 def _limit() -> int:
-    raw = request.args.get("limit", str(DEFAULT_LIMIT))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise ApiError(400, "INVALID_LIMIT", "limit must be a whole number from 1 to %d." % MAX_LIMIT)
-    return int(raw)
+    return whole_number(request.args.get("limit", str(DEFAULT_LIMIT)), "limit", 1, MAX_LIMIT)
 
 
 def _decode(cursor: str) -> tuple[datetime, uuid.UUID]:

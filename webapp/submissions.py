@@ -7,7 +7,7 @@ import uuid
 from typing import Optional
 
 from config import Settings
-from config.kinds import STYLES, JobKind, get_kind
+from config.kinds import KINDS, STYLES, JobKind, get_kind
 from tasks.dispatch import try_publish
 from webapp import idempotency, ledger, storage
 from webapp.errors import ApiError
@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 2000
 
 
-def resolve_kind(name: Optional[str], default: str) -> JobKind:
+def resolve_kind(name: object, default: str) -> JobKind:
+    if name is not None and not isinstance(name, str):
+        raise ApiError(400, "INVALID_KIND", "kind must be a string, one of: %s." % ", ".join(sorted(KINDS)))
     try:
         return get_kind(name or default)
     except KeyError as error:
