@@ -3,7 +3,8 @@
     .venv/bin/python bench/failure_run.py --jobs 200 --failure-rate 0.3
 
 Prints the wall time until every job is terminal, the count per terminal status and
-outcome, the attempts histogram, and the API's answer latency.
+outcome, the attempts histogram, and the API's answer latency (and, with --metrics, what
+GET /metrics says afterwards).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--retry-delays", default="1,5,15,60,300")
     parser.add_argument("--background-interval-ms", default="30000")
     parser.add_argument("--prompts", default="", help="comma-separated prompts to cycle through")
+    parser.add_argument("--metrics", action="store_true", help="print GET /metrics at the end")
     args = parser.parse_args()
 
     settings = {"RETRY_DELAYS": args.retry_delays, "BACKGROUND_PROCESSING_INTERVAL": args.background_interval_ms,
@@ -83,6 +85,8 @@ def main() -> None:
         calls = requests.get(stack.generator_url + "/v1/stats", timeout=5).json()["calls"]
         recorded = stack.query("SELECT sum(attempts) FROM jobs")[0][0]
         print("generator calls seen by the generator: %d, attempts recorded in jobs: %d" % (calls, recorded))
+        if args.metrics:
+            print(requests.get(stack.web_url + "/metrics", timeout=5).text)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import requests
 from PIL import Image
 
 from tests.support import (
-    BIN, Process, beat_command, free_port, create_database, drop_database, redis_database, start_generator, wait_for, worker_command,
+    BIN, Process, beat_command, create_database, drop_database, free_port, redis_database, start_generator, wait_for,
+    wait_for_health, worker_command,
 )
 
 TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "14"))
@@ -151,14 +152,7 @@ def web_url(stack, stack_env, log_dir) -> Iterator[str]:
     url = "http://127.0.0.1:%d" % free_port()
     process = Process("web", [str(BIN / "gunicorn"), "--bind", url[7:], "--workers", "2", "--threads", "8",
                               "webapp:create_app()"], stack_env, log_dir).start()
-
-    def answers() -> bool:
-        try:
-            return requests.get(url + "/healthz", timeout=1).ok
-        except requests.RequestException:
-            return False
-
-    wait_for(answers, timeout=30, what="gunicorn")
+    wait_for_health(url, timeout=30, what="gunicorn")
     yield url
     process.stop()
 

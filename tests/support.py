@@ -79,15 +79,18 @@ def start_generator(env: dict, log_dir: Path) -> tuple[Process, str]:
                                     "--worker-class", "gthread", "--threads", "32", "generator:create_app()"],
                       env, log_dir).start()
     url = "http://127.0.0.1:%d" % port
+    wait_for_health(url, timeout=20, what="the generator to answer /healthz")
+    return process, url
 
+
+def wait_for_health(url: str, timeout: float, what: str) -> None:
     def healthy() -> bool:
         try:
             return requests.get(url + "/healthz", timeout=1).ok
         except requests.RequestException:
             return False
 
-    wait_for(healthy, timeout=20, what="the generator to answer /healthz")
-    return process, url
+    wait_for(healthy, timeout=timeout, what=what)
 
 
 def worker_command(concurrency: int = 2) -> list[str]:

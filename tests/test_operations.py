@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import uuid
 from pathlib import Path
 
-import pytest
 import yaml
 from sqlalchemy import func, select, text
 

@@ -147,9 +147,8 @@ def list_user_jobs(user_id: int) -> Response:
     kind = request.args.get("kind")
     if kind:
         query = query.where(Job.kind == submissions.resolve_kind(kind, default=kind).name)
-    jobs, next_cursor = page_of_jobs(query)
     locale = locale_of(g.user, _settings().default_locale)
-    return jsonify({"items": [job_resource(job, locale) for job in jobs], "next_cursor": next_cursor})
+    return jsonify(page_of_jobs(query, lambda job: job_resource(job, locale)))
 
 
 @blueprint.get("/api/photos/<photo_id>/status")

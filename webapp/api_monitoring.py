@@ -79,9 +79,8 @@ def api_requests() -> Response:
     user_id = _user_filter()
     if user_id is not None:
         query = query.where(Job.user_id == user_id)
-    jobs, next_cursor = page_of_jobs(query)
     locale = locale_of(g.user, _settings().default_locale)
-    return jsonify({"items": [_internal(job, locale) for job in jobs], "next_cursor": next_cursor})
+    return jsonify(page_of_jobs(query, lambda job: _internal(job, locale)))
 
 
 @blueprint.post("/api/admin/jobs/<job_id>/retry")

@@ -5,7 +5,7 @@ import base64
 import re
 import uuid
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any, Callable
 
 from flask import request
 from sqlalchemy import Select, tuple_
@@ -53,8 +53,9 @@ def filtered_by_status(query: Select) -> Select:
     return query.where(Job.status == status)
 
 
-def page_of_jobs(query: Select) -> tuple[list[Job], Optional[str]]:
-    """One page of `query`'s jobs, newest first, and the cursor of the next page (or None)."""
+def page_of_jobs(query: Select, render: Callable[[Job], dict]) -> dict:
+    """One page of `query`'s jobs, newest first, each through `render`, and the cursor of the
+    next page (or None)."""
     limit = _limit()
     cursor = request.args.get("cursor")
     if cursor:
@@ -63,4 +64,4 @@ def page_of_jobs(query: Select) -> tuple[list[Job], Optional[str]]:
     rows: list[Any] = list(db.session.execute(
         query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).scalars())
     next_cursor = _encode(rows[limit - 1]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    return {"items": [render(job) for job in rows[:limit]], "next_cursor": next_cursor}
