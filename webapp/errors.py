@@ -9,11 +9,15 @@ import logging
 import uuid
 
 from flask import Flask, Response, current_app, g, jsonify, request
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from webapp.logs import current_request_id
 
 log = logging.getLogger(__name__)
+
+DATABASE_RETRY_AFTER_SECONDS = 5
+
 
 class ApiError(Exception):
     """An error meant for the client: status, stable code and a message that says what to fix."""
@@ -64,6 +68,16 @@ def register(app: Flask) -> None:
             limit = app.extensions["renderq.settings"].max_upload_bytes
             return error_response(413, "PAYLOAD_TOO_LARGE", "The upload is larger than MAX_UPLOAD_BYTES (%d bytes)." % limit)
         return error_response(error.code or 500, _code_for(error), error.description or error.name)
+
+    @app.errorhandler(OperationalError)
+    def _database_unavailable(error: OperationalError) -> Response:
+        # PostgreSQL restarting or out of connections: a client's retry is what helps (and an
+        # Idempotency-Key makes retrying a submission safe), so say so instead of a bare 500.
+        log.error("❌ [ERROR_HANDLER] database unavailable in %s %s: %s", request.method, request.path, error)
+        response = error_response(503, "SERVICE_UNAVAILABLE", "The service is briefly unavailable; try again in "
+                                  "a few seconds.", detail=str(error.orig))
+        response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
