@@ -33,6 +33,15 @@ def test_a_bad_value_names_the_variable(name, value):
         load_settings({name: value})
 
 
+def test_a_media_root_that_cannot_be_made_stops_start_up(tmp_path):
+    from webapp import create_app
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="MEDIA_ROOT=%s" % (blocker / "media")):
+        create_app({"MEDIA_ROOT": str(blocker / "media")})
+
+
 def test_fewer_delays_than_retries_is_refused():
     with pytest.raises(ConfigError, match="RETRY_DELAYS"):
         load_settings({"RETRY_DELAYS": "1,2", "MAX_RETRIES": "5"})

@@ -6,7 +6,7 @@ from typing import Mapping, Optional
 
 from flask import Flask
 
-from config import load_settings
+from config import ConfigError, load_settings
 from webapp.extensions import db, migrate
 from webapp.logs import configure_logging
 
@@ -16,6 +16,10 @@ MIGRATIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def create_app(config: Optional[Mapping[str, str]] = None) -> Flask:
     """Build the app. `config` overrides environment variables (tests pass a mapping)."""
     settings = load_settings({**os.environ, **(config or {})})
+    try:  # uploads and results go there, and beat keeps its schedule there (Procfile)
+        os.makedirs(settings.media_root, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("MEDIA_ROOT=%s cannot be created: %s" % (settings.media_root, error.strerror)) from None
     app = Flask(__name__)
     app.extensions["renderq.settings"] = settings
     app.config.update(
