@@ -36,13 +36,14 @@ ERRORS = {
     "413": "The upload is larger than MAX_UPLOAD_BYTES",
     "415": "The body is not JSON",
     "422": "The Idempotency-Key was used with another body",
+    "503": "The database is briefly unavailable (a restart); try again after Retry-After seconds",
 }
 
 
 def operation(summary: str, ok: dict, errors: str = "", *, public: bool = False, parameters: list | None = None,
               body: dict | None = None, ok_status: str = "200", extra: dict | None = None) -> dict:
     responses = {ok_status: ok, **(extra or {})}
-    for status in errors.split():
+    for status in errors.split() + ([] if public else ["503"]):  # every signed-in call reads PostgreSQL
         responses[status] = json_body(ref("Error"), ERRORS[status])
     spec: dict = {"summary": summary, "responses": responses}
     if public:
