@@ -27,7 +27,11 @@ class ProcfileSystem:
         self.env = env
         self.web = "http://127.0.0.1:%s" % env["PORT"]
         self.flower = "http://127.0.0.1:%s" % env["FLOWER_PORT"]
-        self.honcho = Process("honcho", [str(BIN / "honcho"), "start", "-f", "Procfile"], env, log_dir)
+        # The test's own environment, not the .env that scripts/services.py may have left in the checkout.
+        no_env_file = log_dir / "empty.env"
+        no_env_file.touch()
+        self.honcho = Process("honcho", [str(BIN / "honcho"), "start", "-f", "Procfile", "-e", str(no_env_file)],
+                              env, log_dir)
 
     def flask(self, *args: str) -> str:
         result = subprocess.run([str(BIN / "flask"), "--app", "webapp", *args], env=self.env, cwd=ROOT,

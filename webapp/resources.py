@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Optional
 
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import Select, func, select, tuple_
 
 from webapp.extensions import db
 from webapp.messages import block_message, public_error
@@ -17,13 +17,15 @@ def iso(moment: Optional[datetime]) -> Optional[str]:
     return moment.isoformat().replace("+00:00", "Z") if moment else None
 
 
-def queue_position(job: Job) -> Optional[int]:
-    """Pending jobs ahead of this one, counted on the partial index of pending jobs."""
-    if job.status != PENDING:
-        return None
-    ahead = select(func.count()).select_from(Job).where(
+def jobs_ahead(job: Job) -> Select:
+    """The count of pending jobs taken before `job`: it reads the partial index of pending jobs
+    (ix_jobs_pending_queue), so finished jobs, however many, cost nothing."""
+    return select(func.count()).select_from(Job).where(
         Job.status == PENDING, tuple_(Job.created_at, Job.id) < tuple_(job.created_at, job.id))
-    return db.session.execute(ahead).scalar_one()
+
+
+def queue_position(job: Job) -> Optional[int]:
+    return db.session.execute(jobs_ahead(job)).scalar_one() if job.status == PENDING else None
 
 
 def result_url(job: Job) -> Optional[str]:
