@@ -215,8 +215,8 @@ def cancel(job_id: uuid.UUID, settings: Settings) -> Optional[Finished]:
 
 
 def requeue_failed(job_id: uuid.UUID) -> bool:
-    """An admin's retry: a failed job goes back to pending with fresh counters and a new hold
-    taken by the caller in the same transaction."""
+    """An admin's retry: a failed job goes back to pending with fresh counters. Its hold was
+    released when it failed and is not taken again, so the retry is free for the user."""
     won = db.session.execute(
         update(Job).where(Job.id == job_id, Job.status == FAILED)
         .values(status=PENDING, attempts=0, retry_count=0, next_retry_at=None, error_code=None,
