@@ -14,6 +14,7 @@ from sqlalchemy import text
 from tests.conftest import BASE_REDIS_URL, TEST_REDIS_DB, generator_calls, job_json, png_bytes, upload, wait_terminal
 from tests.support import redis_database, wait_for
 from webapp.extensions import db
+from webapp.messages import BLOCK_MESSAGES
 from webapp.models import Job
 
 
@@ -257,9 +258,25 @@ def test_cancel_racing_a_running_attempt_discards_its_result(client, alice, gene
     time.sleep(0.5)
     final = job_json(client, alice[1], job["id"])
     assert (final["status"], final["outcome"], final["result_url"]) == ("canceled", None, None)
-    assert client.get("/api/jobs/%s/result" % job["id"], headers=auth(alice[1])).status_code == 409
+    for path in ("/api/jobs/%s/result" % job["id"], "/api/photos/%s/result" % job["photo_id"]):
+        assert client.get(path, headers=auth(alice[1])).status_code == 409, path
     me = client.get("/api/me", headers=auth(alice[1])).get_json()
     assert me["balance"] == me["available"] == 100  # nothing charged
+
+
+# --- the caller's profile -------------------------------------------------------------------------
+
+def test_a_locale_set_through_the_profile_speaks_in_the_block_message(client, alice):
+    assert client.get("/api/me", headers=auth(alice[1])).get_json()["locale"] == "en"
+    for bad in ({"locale": "de"}, {"nickname": "x"}, {}, {"locale": "ru", "webhook_url": "ftp://example.com/"}):
+        refused = client.patch("/api/me", json=bad, headers=auth(alice[1]))
+        assert refused.status_code == 400 and refused.get_json()["error"]["message"], bad
+    assert client.get("/api/me", headers=auth(alice[1])).get_json()["locale"] == "en"  # refusals changed nothing
+
+    changed = client.patch("/api/me", json={"locale": "ru"}, headers=auth(alice[1]))
+    assert changed.status_code == 200 and changed.get_json()["locale"] == "ru"
+    job = wait_terminal(client, alice[1], upload(client, alice[1], prompt="[block:COPYRIGHT_VIOLATION]").get_json()["id"])
+    assert job["message"] == BLOCK_MESSAGES["COPYRIGHT_VIOLATION"]["ru"]
 
 
 # --- lists and paging -----------------------------------------------------------------------------
