@@ -33,6 +33,8 @@ def from_settings(settings: Settings) -> dict:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
+        # Processes per worker; `celery worker --concurrency N` still overrides it.
+        worker_concurrency=settings.concurrent_jobs,
         # The API publishes after commit and answers 202 even when the broker is down (the
         # reconciler publishes later), so a publish must give up within a second or two.
         broker_connection_timeout=2,
@@ -49,7 +51,7 @@ def from_settings(settings: Settings) -> dict:
         worker_hijack_root_logger=False,
         timezone="UTC",
         enable_utc=True,
-        include=["tasks.jobs", "tasks.sweeps", "tasks.webhooks", "tasks.cleanup"],
+        include=["tasks.jobs", "tasks.sweeps", "tasks.webhooks"],
         beat_schedule={
             "background-processor": {
                 "task": "renderq.background.process",

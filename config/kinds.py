@@ -9,9 +9,8 @@ STYLES = ("sketch", "sepia", "cartoon", "pixelate", "unfiltered")
 @dataclass(frozen=True)
 class JobKind:
     name: str
-    handler: str  # "module:function" that calls the generator; resolved where it runs
     price: int
-    needs_photo: bool
+    needs_photo: bool  # photo.render sends the photo to the generator; image.generate only the prompt
     soft_time_limit: float
     hard_time_limit: float
     generator_timeout: float
@@ -20,10 +19,10 @@ class JobKind:
 KINDS: dict[str, JobKind] = {
     kind.name: kind
     for kind in (
-        JobKind("photo.render", handler="tasks.generator_client:render_photo", price=1, needs_photo=True,
-                soft_time_limit=90, hard_time_limit=120, generator_timeout=60),
-        JobKind("image.generate", handler="tasks.generator_client:generate_image", price=2, needs_photo=False,
-                soft_time_limit=90, hard_time_limit=120, generator_timeout=60),
+        JobKind("photo.render", price=1, needs_photo=True, soft_time_limit=90, hard_time_limit=120,
+                generator_timeout=60),
+        JobKind("image.generate", price=2, needs_photo=False, soft_time_limit=90, hard_time_limit=120,
+                generator_timeout=60),
     )
 }
 

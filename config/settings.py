@@ -1,6 +1,6 @@
 """One settings object, read from the environment once and validated at start-up.
 
-Every name and default is SPEC §7's; a bad value raises ConfigError naming the variable.
+Every name and default is in docs/configuration.md; a bad value raises ConfigError naming the variable.
 """
 from __future__ import annotations
 
@@ -64,6 +64,13 @@ def _webhook_secret(raw: str) -> str:
             raise ValueError
     except (ValueError, binascii.Error):
         raise ValueError("must be whsec_ followed by at least 16 base64-encoded bytes") from None
+    return raw
+
+
+def _credentials(raw: str) -> str:
+    user, _, password = raw.partition(":")
+    if raw and not (user and password):
+        raise ValueError("must be user:password")
     return raw
 
 
@@ -154,7 +161,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         generator_url=read("GENERATOR_URL", "http://127.0.0.1:5001", _url("http://", "https://")).rstrip("/"),
         generator_max_inflight=read("GENERATOR_MAX_INFLIGHT", "0", _non_negative_int),
         webhook_secret=read("WEBHOOK_SECRET", "", _webhook_secret),
-        flower_basic_auth=read("FLOWER_BASIC_AUTH", "", str),
+        flower_basic_auth=read("FLOWER_BASIC_AUTH", "", _credentials),
         media_root=os.path.abspath(read("MEDIA_ROOT", "var/media", str)),
         max_upload_bytes=read("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024), _positive_int),
         default_locale=read("DEFAULT_LOCALE", "en", _choice("en", "ru")),

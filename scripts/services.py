@@ -18,6 +18,7 @@ from pathlib import Path
 VAR = Path(__file__).resolve().parent.parent / "var"
 DATABASE_NAME = "renderq"
 ENV_FILE = VAR.parent / ".env"
+ENV_FILE_MARK = "# written by scripts/services.py: the local servers bin/run started"
 
 
 def _free_port(preferred: int) -> int:
@@ -80,9 +81,10 @@ def up() -> None:
             value = start()
             started.append("%s=%s" % (name, value))
         print("export %s=%s" % (name, shlex.quote(value)))
-    if started:  # so that `flask --app webapp ...` run by hand finds the same servers (Flask loads .env)
-        ENV_FILE.write_text("# written by scripts/services.py: the local servers bin/run started\n"
-                            + "\n".join(started) + "\n")
+    # So that `flask --app webapp ...` run by hand finds the same servers (Flask loads .env);
+    # a .env of the user's own is never overwritten.
+    if started and (not ENV_FILE.exists() or ENV_FILE.read_text().startswith(ENV_FILE_MARK)):
+        ENV_FILE.write_text(ENV_FILE_MARK + "\n" + "\n".join(started) + "\n")
 
 
 def down() -> None:

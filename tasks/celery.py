@@ -1,11 +1,11 @@
-"""The worker and beat entry point: `celery -A tasks worker|beat|flower`."""
+"""The worker, beat and Flower entry point: `celery -A tasks worker|beat|flower`."""
 from celery.signals import setup_logging, worker_process_init
 
-from webapp import create_app
-from webapp.extensions import db
-from webapp.logs import configure_logging
+from renderq.app import create_base_app
+from renderq.db import db
+from renderq.logs import configure_logging
 
-flask_app = create_app()
+flask_app = create_base_app()
 app = flask_app.extensions["celery"]
 
 

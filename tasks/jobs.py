@@ -1,4 +1,4 @@
-"""Celery tasks. Names are a wire contract: they outlive refactors, so they are explicit."""
+"""The attempt task. Task names are a wire contract: they outlive refactors, so they are explicit."""
 from __future__ import annotations
 
 import uuid
@@ -7,9 +7,9 @@ from typing import Optional
 from celery import shared_task
 from sqlalchemy.exc import DBAPIError
 
-from tasks.attempts import run_attempt
+from renderq.jobs.attempt import run_attempt
+from renderq.jobs.policy import RetryLater
 from tasks.base import LadderTask
-from tasks.errors import RetryLater
 
 
 @shared_task(

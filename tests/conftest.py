@@ -80,7 +80,7 @@ def stack_env(base_env, generator) -> dict:
     return {**base_env, "GENERATOR_URL": generator}
 
 
-# What a production response must never show (SPEC §5): stack traces, exception classes,
+# What a production response must never show (docs/api.md, errors): stack traces, exception classes,
 # SQL, file paths, the addresses of internal services.
 LEAKS = re.compile(r"Traceback|File \"|\b[A-Z][a-z]+[A-Za-z]*(?:Error|Exception)\b|\b(?:SELECT|INSERT INTO|UPDATE \w+ SET)\b"
                    r"|psycopg|sqlalchemy|site-packages|\.py\b|/work/|/tmp/|:5432|:6379")

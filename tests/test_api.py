@@ -1,4 +1,4 @@
-"""The HTTP API of SPEC §6 against the real stack: happy paths, refusals, other users' data."""
+"""The HTTP API (docs/api.md) against the real stack: happy paths, refusals, other users' data."""
 from __future__ import annotations
 
 import io
@@ -13,9 +13,9 @@ from sqlalchemy import text
 
 from tests.conftest import BASE_REDIS_URL, TEST_REDIS_DB, generator_calls, job_json, png_bytes, upload, wait_terminal
 from tests.support import redis_database, wait_for
-from webapp.extensions import db
-from webapp.messages import BLOCK_MESSAGES
-from webapp.models import Job
+from renderq.db import db
+from renderq.messages import BLOCK_MESSAGES
+from renderq.models import Job
 
 
 def auth(token: str) -> dict:
@@ -316,7 +316,7 @@ def test_queue_position_counts_pending_jobs_ahead(client, alice, stack):
 
 
 def test_queue_position_reads_the_pending_index_among_a_hundred_thousand_finished_jobs(app, client, alice, stack):
-    from webapp.resources import jobs_ahead
+    from renderq.stats import jobs_ahead
 
     stack.worker.stop()
     try:

@@ -1,4 +1,4 @@
-"""SPEC §3: holds on acceptance, one capture on success, a release otherwise, 402 past the balance."""
+"""Billing: holds on acceptance, one capture on success, a release otherwise, 402 past the balance."""
 from __future__ import annotations
 
 import time
@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 
 from tests.conftest import png_bytes, upload, wait_terminal
 from tests.support import wait_for
-from webapp.extensions import db
-from webapp.models import LedgerEntry, User
+from renderq.db import db
+from renderq.models import LedgerEntry, User
 
 
 def me(client, token: str) -> dict:
@@ -97,7 +97,7 @@ def test_exhausted_retries_charge_nothing_and_notify_nobody(app, client, make_us
 
 
 def test_cancel_releases_the_hold(app, client, make_user, stack_env):
-    from webapp import lifecycle
+    from renderq.jobs import lifecycle
 
     user_id, token = make_user(balance=5)
     job_id = upload(client, token, prompt="[fail:999]").get_json()["id"]

@@ -1,4 +1,4 @@
-"""SPEC §11 guarantees, each proved by provoking the fault against the real processes
+"""The guarantees of docs/lifecycle.md, each proved by provoking the fault against the real processes
 (Redis and PostgreSQL themselves going away: test_server_restarts.py)."""
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def test_flower_refuses_to_start_without_credentials(stack_env):
 def test_flower_needs_the_login_and_shows_attempts_by_kind(client, make_user, stack, stack_env, log_dir):
     port = free_port()
     url = "http://127.0.0.1:%d" % port
-    flower = Process("flower", flower_command(port) + ["--basic-auth=%s:%s" % CREDENTIALS],
+    flower = Process("flower", flower_command(port),
                      {**stack_env, "FLOWER_BASIC_AUTH": "%s:%s" % CREDENTIALS}, log_dir).start()
     try:
         wait_for(lambda: _status(url + "/") == 401, timeout=60, what="Flower to answer")

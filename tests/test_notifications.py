@@ -1,4 +1,4 @@
-"""SPEC §4: exactly one notification per success or block, in the user's language, and one
+"""Notifications: exactly one per success or block, in the user's language, and one
 signed webhook per notification that a Standard Webhooks library verifies."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from standardwebhooks.webhooks import Webhook
 
 from tests.conftest import WEBHOOK_SECRET, generator_calls, job_json, upload, wait_terminal
 from tests.support import free_port, wait_for
-from webapp.extensions import db
-from webapp.messages import BLOCK_MESSAGES
-from webapp.models import LedgerEntry, Notification
+from renderq.db import db
+from renderq.messages import BLOCK_MESSAGES
+from renderq.models import LedgerEntry, Notification
 
 
 class Receiver:

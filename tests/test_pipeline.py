@@ -11,11 +11,11 @@ from sqlalchemy import text
 
 from tests.conftest import FAST_TIMINGS, generator_calls, job_json, upload, wait_terminal
 from tests.support import wait_for
-from webapp.extensions import db
+from renderq.db import db
 
 LADDER = [float(delay) for delay in FAST_TIMINGS["RETRY_DELAYS"].split(",")]
 
-# SPEC §2: every status change a poller may see (it may miss intermediate ones, never reverse).
+# Every status change a poller may see (it may miss intermediate ones, never reverse).
 ALLOWED = {
     "pending": {"processing", "canceled"},
     "processing": {"completed", "failed", "retrying", "pending_background_retry", "canceled"},
@@ -168,8 +168,8 @@ def test_invalid_input_fails_at_once(client, user, generator):
 
 
 def test_image_generate_needs_no_photo(app, client, user):
-    from tasks.dispatch import try_publish
-    from webapp.models import Job
+    from renderq.broker import try_publish
+    from renderq.models import Job
 
     user_id, token = user
     with app.app_context():  # POST /api/jobs is another issue; the kind itself runs through the registry

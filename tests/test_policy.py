@@ -9,7 +9,7 @@ from celery.app.task import Task
 
 import celeryconfig
 from config import ConfigError, load_settings
-from webapp.lifecycle import plan_after_transient_failure
+from renderq.jobs.policy import plan_after_transient_failure
 
 DEFAULTS = load_settings({})
 
@@ -73,7 +73,7 @@ def test_background_tries_stop_at_three_or_at_the_age_limit():
 
 def test_celery_is_given_the_ladder_countdowns_retry_by_retry(app):
     """The countdown that autoretry_for hands to Celery's Task.retry is the ladder's, retry by retry."""
-    from tasks.errors import RetryLater
+    from renderq.jobs.policy import RetryLater
     from tasks.jobs import attempt
 
     given = []
@@ -98,6 +98,7 @@ def test_celery_reliability_settings_take_effect(app):
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.broker_connection_retry_on_startup
     settings = app.extensions["renderq.settings"]
+    assert conf.worker_concurrency == settings.concurrent_jobs == 3  # CONCURRENT_JOBS, without a command-line flag
     longest = max(settings.retry_delays) + 120
     assert conf.broker_transport_options["visibility_timeout"] > longest
     assert celeryconfig.visibility_timeout(DEFAULTS) > 300 + 120

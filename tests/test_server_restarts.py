@@ -1,4 +1,4 @@
-"""SPEC §11 with the servers themselves going away: Redis losing everything (FLUSHALL, and a
+"""The guarantees with the servers themselves going away: Redis losing everything (FLUSHALL, and a
 restart without persistence) and PostgreSQL crashing and restarting, under accepted and
 running jobs. These run on a PostgreSQL and a Redis of their own, started from the pip
 packages bin/run uses on a bare machine, so they can be flushed and restarted for real."""
@@ -110,6 +110,6 @@ def test_postgresql_crashing_and_restarting_mid_attempt_every_job_still_ends_onc
     finally:
         private.postgres.boot()
 
-    # A lost attempt counts as a transient failure (SPEC §11), so a job may take a second call.
+    # A lost attempt counts as a transient failure, so a job may take a second call.
     _all_succeed_once(private, token, job_ids, generator, most_calls=2)
     assert job_json(private.client, token, job_ids[0])["user_id"]  # the API is back on new connections

@@ -1,4 +1,4 @@
-"""GENERATOR_MAX_INFLIGHT across worker processes, and fairness between users (SPEC §11).
+"""GENERATOR_MAX_INFLIGHT across worker processes, and fairness between users.
 
 An isolated stack of its own (database, Redis database, generator, a 4-process worker,
 beat) with the cap set to 2, so the cap is what limits the calls, not the worker count.

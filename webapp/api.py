@@ -1,51 +1,47 @@
-"""The HTTP API of SPEC §6 (this module: submitting photos and reading job status)."""
+"""The HTTP API: submitting work, reading and canceling jobs, health."""
 from __future__ import annotations
 
 import uuid
-from typing import Optional
+from typing import Callable, Optional
 
-from flask import Blueprint, Response, current_app, g, jsonify, request, send_file
+from flask import Blueprint, Response, g, jsonify, request, send_file
 from sqlalchemy import select, text
 
-from tasks import dispatch
-from tasks.dispatch import redis_client
-from webapp import idempotency, lifecycle, storage, submissions, waiting
+from renderq import broker, storage
+from renderq.db import db
+from renderq.enums import TERMINAL_STATUSES, Outcome
+from renderq.errors import Conflict, InvalidInput, NotFound
+from renderq.images import check_image
+from renderq.jobs import control, submit
+from renderq.models import Job, Photo, User
+from renderq.runtime import redis_client, settings
+from webapp import headers
 from webapp.auth import ensure_owner_or_admin, login_required
 from webapp.errors import ApiError
-from webapp.extensions import db
-from webapp.models import SUCCEEDED, TERMINAL_STATUSES, Job, Photo, User
 from webapp.paging import MAX_ID, filtered_by_status, page_of_jobs
 from webapp.resources import job_resource, locale_of
-from webapp.uploads import check_image
 
 blueprint = Blueprint("api", __name__)
 
 
-def _settings():
-    return current_app.extensions["renderq.settings"]
-
-
-def _uuid(raw: str, what: str) -> uuid.UUID:
+def _visible(model: type, raw_id: str, what: str):
+    """The row with that id if the caller may see it: NotFound, or Forbidden for another user's."""
     try:
-        return uuid.UUID(raw)
+        row = db.session.get(model, uuid.UUID(raw_id))
     except ValueError:
-        raise ApiError(404, "NOT_FOUND", "No %s with id %r." % (what, raw)) from None
+        row = None
+    if row is None:
+        raise NotFound("NOT_FOUND", "No %s with id %r." % (what, raw_id))
+    ensure_owner_or_admin(row.user_id)
+    return row
 
 
-def _visible_photo(photo_id: str) -> Photo:
-    photo = db.session.get(Photo, _uuid(photo_id, "photo"))
-    if photo is None:
-        raise ApiError(404, "NOT_FOUND", "No photo with id %r." % photo_id)
-    ensure_owner_or_admin(photo.user_id)
-    return photo
+def visible_photo(photo_id: str) -> Photo:
+    return _visible(Photo, photo_id, "photo")
 
 
-def _visible_job(job_id: str) -> Job:
-    job = db.session.get(Job, _uuid(job_id, "job"))
-    if job is None:
-        raise ApiError(404, "NOT_FOUND", "No job with id %r." % job_id)
-    ensure_owner_or_admin(job.user_id)
-    return job
+def visible_job(job_id: str) -> Job:
+    return _visible(Job, job_id, "job")
 
 
 def _latest_job(photo: Photo) -> Job:
@@ -53,33 +49,33 @@ def _latest_job(photo: Photo) -> Job:
         select(Job).where(Job.photo_id == photo.id).order_by(Job.created_at.desc()).limit(1)
     ).scalar()
     if job is None:
-        raise ApiError(404, "NOT_FOUND", "Photo %s has no job." % photo.id)
+        raise NotFound("NOT_FOUND", "Photo %s has no job." % photo.id)
     return job
 
 
-def _job_json(job: Job, status: int = 200) -> Response:
-    response = jsonify(job_resource(job, locale_of(g.user, _settings().default_locale)))
+def job_json(job: Job, status: int = 200) -> Response:
+    response = jsonify(job_resource(job, locale_of(g.user, settings().default_locale)))
     response.status_code = status
     return response
 
 
 def _result_file(job: Job) -> Response:
-    if job.outcome != SUCCEEDED or not job.result_path:
-        raise ApiError(409, "RESULT_NOT_READY", "The job is %s; the result exists once it has succeeded." % job.status)
-    return send_file(storage.absolute_path(_settings().media_root, job.result_path), mimetype="image/png")
+    if job.outcome != Outcome.SUCCEEDED or not job.result_path:
+        raise Conflict("RESULT_NOT_READY", "The job is %s; the result exists once it has succeeded." % job.status)
+    return send_file(storage.absolute_path(settings().media_root, job.result_path), mimetype="image/png")
 
 
 def _accepted(job: Job) -> Response:
     """202 with the job; with `Prefer: wait=N`, 200 if it became terminal within N seconds."""
-    wait = waiting.requested_wait()
+    wait = headers.prefer_wait()
     if wait and job.status not in TERMINAL_STATUSES:
         job_id, user_id = job.id, g.user.id
-        waiting.wait_until_terminal(job_id, wait)  # closes the session: reload what the answer needs
+        broker.wait_until_terminal(job_id, wait)  # closes the session: reload what the answer needs
         g.user = db.session.get(User, user_id)
         job = db.session.get(Job, job_id)
     if job.status in TERMINAL_STATUSES and wait is not None:
-        return _job_json(job, 200)
-    response = _job_json(job, 202)
+        return job_json(job, 200)
+    response = job_json(job, 202)
     response.headers["Location"] = "/api/jobs/%s" % job.id
     return response
 
@@ -89,12 +85,12 @@ def _accepted(job: Job) -> Response:
 def upload_photo() -> Response:
     upload = request.files.get("file")
     if upload is None:
-        raise ApiError(400, "FILE_REQUIRED", "Send the photo as a multipart/form-data field named 'file'.")
-    kind = submissions.resolve_kind(request.form.get("kind"), default="photo.render")
-    params = submissions.check_params(request.form.get("style"), request.form.get("prompt"))
-    image = check_image(upload.read(), _settings().max_upload_bytes)
-    key = idempotency.requested_key()
-    return _accepted(submissions.submit(g.user.id, kind, params, _settings(), image=image, idempotency_key=key))
+        raise InvalidInput("FILE_REQUIRED", "Send the photo as a multipart/form-data field named 'file'.")
+    kind = submit.resolve_kind(request.form.get("kind"), default="photo.render")
+    params = submit.check_params(request.form.get("style"), request.form.get("prompt"))
+    image = check_image(upload.read(), settings().max_upload_bytes)
+    key = headers.idempotency_key()
+    return _accepted(submit.submit(g.user.id, kind, params, settings(), image=image, idempotency_key=key))
 
 
 @blueprint.post("/api/jobs")
@@ -104,37 +100,32 @@ def create_job() -> Response:
         raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Send a JSON body with Content-Type: application/json.")
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise ApiError(400, "INVALID_BODY", "The body must be a JSON object: {kind, params, photo_id?}.")
+        raise InvalidInput("INVALID_BODY", "The body must be a JSON object: {kind, params, photo_id?}.")
     unknown = set(body) - {"kind", "params", "photo_id"}
     if unknown:
-        raise ApiError(400, "INVALID_BODY", "Unknown fields: %s; expected kind, params, photo_id." % ", ".join(sorted(unknown)))
-    kind = submissions.resolve_kind(body.get("kind"), default="image.generate")
+        raise InvalidInput("INVALID_BODY", "Unknown fields: %s; expected kind, params, photo_id."
+                           % ", ".join(sorted(unknown)))
+    kind = submit.resolve_kind(body.get("kind"), default="image.generate")
     params = body.get("params") or {}
     if not isinstance(params, dict) or set(params) - {"style", "prompt"} or \
             not all(isinstance(value, str) for value in params.values()):
-        raise ApiError(400, "INVALID_PARAMS", "params must be an object with string fields 'style' and 'prompt'.")
-    params = submissions.check_params(params.get("style"), params.get("prompt"))
+        raise InvalidInput("INVALID_PARAMS", "params must be an object with string fields 'style' and 'prompt'.")
+    params = submit.check_params(params.get("style"), params.get("prompt"))
     photo = None
     if body.get("photo_id") is not None:
         if not isinstance(body["photo_id"], str):
-            raise ApiError(400, "INVALID_PHOTO_ID", "photo_id must be a string id from POST /api/photos.")
-        photo = _visible_photo(body["photo_id"])
-    key = idempotency.requested_key()
-    return _accepted(submissions.submit(g.user.id, kind, params, _settings(), photo=photo, idempotency_key=key))
+            raise InvalidInput("INVALID_PHOTO_ID", "photo_id must be a string id from POST /api/photos.")
+        photo = visible_photo(body["photo_id"])
+    key = headers.idempotency_key()
+    return _accepted(submit.submit(g.user.id, kind, params, settings(), photo=photo, idempotency_key=key))
 
 
 @blueprint.post("/api/jobs/<job_id>/cancel")
 @login_required
 def cancel_job(job_id: str) -> Response:
-    job = _visible_job(job_id)
-    finished = lifecycle.cancel(job.id, _settings()) if job.status not in TERMINAL_STATUSES else None
-    if finished is None:
-        db.session.rollback()
-        raise ApiError(409, "JOB_FINISHED", "The job is already %s and cannot be canceled."
-                       % db.session.get(Job, job.id, populate_existing=True).status)
-    current_app.extensions["celery"].control.revoke(str(job.id))  # workers drop its waiting messages
-    dispatch.announce(finished)
-    return _job_json(db.session.get(Job, job.id, populate_existing=True))
+    job = visible_job(job_id)
+    control.cancel(job)
+    return job_json(db.session.get(Job, job.id, populate_existing=True))
 
 
 @blueprint.get("/api/users/<int:user_id>/jobs")
@@ -142,37 +133,38 @@ def cancel_job(job_id: str) -> Response:
 def list_user_jobs(user_id: int) -> Response:
     ensure_owner_or_admin(user_id)  # first, so others cannot probe which user ids exist
     if user_id > MAX_ID or db.session.get(User, user_id) is None:
-        raise ApiError(404, "NOT_FOUND", "No user with id %d." % user_id)
-    query = filtered_by_status(select(Job).where(Job.user_id == user_id))
+        raise NotFound("NOT_FOUND", "No user with id %d." % user_id)
+    query = filtered_by_status(select(Job).where(Job.user_id == user_id), request.args.get("status"))
     kind = request.args.get("kind")
     if kind:
-        query = query.where(Job.kind == submissions.resolve_kind(kind, default=kind).name)
-    locale = locale_of(g.user, _settings().default_locale)
-    return jsonify(page_of_jobs(query, lambda job: job_resource(job, locale)))
+        query = query.where(Job.kind == submit.resolve_kind(kind, default=kind).name)
+    locale = locale_of(g.user, settings().default_locale)
+    return jsonify(page_of_jobs(query, lambda job: job_resource(job, locale), request.args.get("limit"),
+                                request.args.get("cursor")))
 
 
 @blueprint.get("/api/photos/<photo_id>/status")
 @login_required
 def photo_status(photo_id: str) -> Response:
-    return _job_json(_latest_job(_visible_photo(photo_id)))
+    return job_json(_latest_job(visible_photo(photo_id)))
 
 
 @blueprint.get("/api/photos/<photo_id>/result")
 @login_required
 def photo_result(photo_id: str) -> Response:
-    return _result_file(_latest_job(_visible_photo(photo_id)))
+    return _result_file(_latest_job(visible_photo(photo_id)))
 
 
 @blueprint.get("/api/jobs/<job_id>")
 @login_required
 def get_job(job_id: str) -> Response:
-    return _job_json(_visible_job(job_id))
+    return job_json(visible_job(job_id))
 
 
 @blueprint.get("/api/jobs/<job_id>/result")
 @login_required
 def job_result(job_id: str) -> Response:
-    return _result_file(_visible_job(job_id))
+    return _result_file(visible_job(job_id))
 
 
 @blueprint.get("/healthz")
@@ -180,7 +172,7 @@ def healthz() -> Response:
     return jsonify({"status": "ok"})
 
 
-def _down(check) -> Optional[str]:
+def _down(check: Callable[[], object]) -> Optional[str]:
     try:
         check()
         return None

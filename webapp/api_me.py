@@ -1,16 +1,17 @@
 """The caller's own account: profile and balance, settings, notifications, safety consent."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 from sqlalchemy import func
 
+from renderq.db import db
+from renderq.errors import InvalidInput
+from renderq.notify import inbox
+from renderq.runtime import settings
+from renderq.webhooks import UnsafeUrl, check_url
 from webapp.auth import login_required
-from webapp.errors import ApiError
-from webapp.extensions import db
-from webapp.notifications import inbox
 from webapp.paging import whole_number
 from webapp.resources import iso
-from webapp.urls import UnsafeUrl, check_webhook_url
 
 blueprint = Blueprint("me", __name__)
 
@@ -23,7 +24,7 @@ def profile() -> dict:
         "is_admin": user.is_admin,
         "balance": user.balance,
         "available": user.balance - user.held,
-        "locale": user.locale or current_app.extensions["renderq.settings"].default_locale,
+        "locale": user.locale or settings().default_locale,
         "webhook_url": user.webhook_url,
         "safety_agreed_at": iso(user.safety_agreed_at),
         "created_at": iso(user.created_at),
@@ -41,13 +42,13 @@ def get_me() -> Response:
 def update_me() -> Response:
     changes = request.get_json(silent=True)
     if not isinstance(changes, dict) or not changes:
-        raise ApiError(400, "INVALID_BODY", "Send a JSON object with 'webhook_url' and/or 'locale'.")
+        raise InvalidInput("INVALID_BODY", "Send a JSON object with 'webhook_url' and/or 'locale'.")
     unknown = set(changes) - {"webhook_url", "locale"}
     if unknown:
-        raise ApiError(400, "INVALID_BODY", "Only 'webhook_url' and 'locale' can be changed, not %s." % ", ".join(sorted(unknown)))
+        raise InvalidInput("INVALID_BODY", "Only 'webhook_url' and 'locale' can be changed, not %s." % ", ".join(sorted(unknown)))
     if "locale" in changes:
         if changes["locale"] not in ("en", "ru", None):
-            raise ApiError(400, "INVALID_LOCALE", "locale must be 'en' or 'ru'.")
+            raise InvalidInput("INVALID_LOCALE", "locale must be 'en' or 'ru'.")
         g.user.locale = changes["locale"]
     if "webhook_url" in changes:
         g.user.webhook_url = _checked_webhook_url(changes["webhook_url"])
@@ -59,13 +60,13 @@ def _checked_webhook_url(url: object) -> str | None:
     if url is None or url == "":
         return None
     if not isinstance(url, str) or len(url) > 2000:
-        raise ApiError(400, "INVALID_WEBHOOK_URL", "webhook_url must be a string URL of at most 2000 characters.")
-    if not current_app.extensions["renderq.settings"].webhook_secret:
-        raise ApiError(400, "WEBHOOKS_DISABLED", "This server has no WEBHOOK_SECRET, so it cannot sign webhooks.")
+        raise InvalidInput("INVALID_WEBHOOK_URL", "webhook_url must be a string URL of at most 2000 characters.")
+    if not settings().webhook_secret:
+        raise InvalidInput("WEBHOOKS_DISABLED", "This server has no WEBHOOK_SECRET, so it cannot sign webhooks.")
     try:
-        return check_webhook_url(url)
+        return check_url(url)
     except UnsafeUrl as error:
-        raise ApiError(400, "INVALID_WEBHOOK_URL", str(error)) from None
+        raise InvalidInput("INVALID_WEBHOOK_URL", str(error)) from None
 
 
 @blueprint.get("/api/me/notifications")

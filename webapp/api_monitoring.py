@@ -1,38 +1,35 @@
 """Monitoring for users and admins (the seed's views, snake_case), and the admin's retry."""
 from __future__ import annotations
 
-import uuid
 from typing import Optional
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 from sqlalchemy import select
 
-from tasks import dispatch
-from webapp import lifecycle, stats
+from renderq import stats
+from renderq.db import db
+from renderq.errors import NotFound
+from renderq.jobs import control
+from renderq.models import Job, User
+from renderq.runtime import celery_app, redis_client, settings
+from webapp.api import job_json, visible_job
 from webapp.auth import admin_required, login_required
-from webapp.errors import ApiError
-from webapp.extensions import db
-from webapp.models import Job, User
 from webapp.paging import MAX_ID, filtered_by_status, page_of_jobs, whole_number
 from webapp.resources import iso, job_resource, locale_of
 
 blueprint = Blueprint("monitoring", __name__)
 
 
-def _settings():
-    return current_app.extensions["renderq.settings"]
-
-
 def _broker_queue_depth() -> Optional[int]:
     try:
-        return int(dispatch.redis_client().llen("celery"))
+        return int(redis_client().llen("celery"))
     except Exception:  # the broker is down: say so with null rather than fail the whole view
         return None
 
 
 def _workers_online() -> Optional[int]:
     try:
-        return len(current_app.extensions["celery"].control.ping(timeout=0.5))
+        return len(celery_app().control.ping(timeout=0.5))
     except Exception:
         return None
 
@@ -56,7 +53,7 @@ def _user_filter() -> Optional[int]:
         return None
     user_id = whole_number(raw, "user_id", 1, MAX_ID)
     if db.session.get(User, user_id) is None:
-        raise ApiError(404, "NOT_FOUND", "No user with id %d." % user_id)
+        raise NotFound("NOT_FOUND", "No user with id %d." % user_id)
     return user_id
 
 
@@ -75,28 +72,18 @@ def _internal(job: Job, locale: str) -> dict:
 @blueprint.get("/api/admin/api-requests")
 @admin_required
 def api_requests() -> Response:
-    query = filtered_by_status(select(Job))
+    query = filtered_by_status(select(Job), request.args.get("status"))
     user_id = _user_filter()
     if user_id is not None:
         query = query.where(Job.user_id == user_id)
-    locale = locale_of(g.user, _settings().default_locale)
-    return jsonify(page_of_jobs(query, lambda job: _internal(job, locale)))
+    locale = locale_of(g.user, settings().default_locale)
+    return jsonify(page_of_jobs(query, lambda job: _internal(job, locale), request.args.get("limit"),
+                                request.args.get("cursor")))
 
 
 @blueprint.post("/api/admin/jobs/<job_id>/retry")
 @admin_required
 def retry_job(job_id: str) -> Response:
-    try:
-        job_uuid = uuid.UUID(job_id)
-    except ValueError:
-        raise ApiError(404, "NOT_FOUND", "No job with id %r." % job_id) from None
-    job = db.session.get(Job, job_uuid)
-    if job is None:
-        raise ApiError(404, "NOT_FOUND", "No job with id %r." % job_id)
-    if not lifecycle.requeue_failed(job_uuid):
-        db.session.rollback()
-        raise ApiError(409, "JOB_NOT_FAILED", "Only failed jobs can be retried; this one is %s." % job.status)
-    db.session.commit()
-    dispatch.try_publish(job_uuid, job.kind)
-    job = db.session.get(Job, job_uuid, populate_existing=True)
-    return jsonify(job_resource(job, locale_of(g.user, _settings().default_locale)))
+    job = visible_job(job_id)
+    control.retry_failed(job)
+    return job_json(db.session.get(Job, job.id, populate_existing=True))

@@ -9,9 +9,10 @@ from typing import Callable, TypeVar
 from flask import g, request
 from sqlalchemy import select
 
+from renderq.db import db
+from renderq.errors import Forbidden
+from renderq.models import User
 from webapp.errors import ApiError
-from webapp.extensions import db
-from webapp.models import User
 
 F = TypeVar("F", bound=Callable)
 
@@ -52,7 +53,7 @@ def admin_required(view: F) -> F:
     def wrapper(*args: object, **kwargs: object) -> object:
         g.user = _authenticate()
         if not g.user.is_admin:
-            raise ApiError(403, "FORBIDDEN", "This endpoint is for administrators.")
+            raise Forbidden("FORBIDDEN", "This endpoint is for administrators.")
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -60,4 +61,4 @@ def admin_required(view: F) -> F:
 
 def ensure_owner_or_admin(owner_id: int) -> None:
     if g.user.id != owner_id and not g.user.is_admin:
-        raise ApiError(403, "FORBIDDEN", "This belongs to another user.")
+        raise Forbidden("FORBIDDEN", "This belongs to another user.")

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import click
-from flask import Flask, current_app
+from flask import Flask
 from flask.cli import AppGroup
 from sqlalchemy import select
 
-from webapp import ledger
+from renderq import billing
+from renderq.db import db
+from renderq.models import User
+from renderq.runtime import settings
+from renderq.webhooks import UnsafeUrl, check_url
 from webapp.auth import new_token
-from webapp.extensions import db
-from webapp.models import User
-from webapp.urls import UnsafeUrl, check_webhook_url
 
 users = AppGroup("users", help="Create users and their API tokens.")
 
@@ -31,7 +32,7 @@ def create_user(email: str, admin: bool, balance: int, locale: str | None, webho
     db.session.add(user)
     db.session.flush()
     if balance:
-        ledger.top_up(user, balance)
+        billing.top_up(user, balance)
     db.session.commit()
     click.echo("created user %d (%s)%s" % (user.id, email, ", admin" if admin else ""))
     click.echo(token)
@@ -40,10 +41,10 @@ def create_user(email: str, admin: bool, balance: int, locale: str | None, webho
 def _webhook_url(url: str | None) -> str | None:
     if not url:
         return None
-    if not current_app.extensions["renderq.settings"].webhook_secret:
+    if not settings().webhook_secret:
         raise click.UsageError("set WEBHOOK_SECRET (whsec_...) before giving users a webhook URL")
     try:
-        return check_webhook_url(url)
+        return check_url(url)
     except UnsafeUrl as error:
         raise click.UsageError(str(error)) from None
 
@@ -61,7 +62,7 @@ def _user(email: str) -> User:
 def top_up(email: str, amount: int) -> None:
     """Add credits to a user's balance (a ledger entry)."""
     user = _user(email)
-    ledger.top_up(user, amount)
+    billing.top_up(user, amount)
     db.session.commit()
     click.echo("user %d balance %d (available %d)" % (user.id, user.balance, user.balance - user.held))
 

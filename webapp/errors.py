@@ -1,26 +1,41 @@
-"""Every error response is JSON: {"error": {"code", "message", "request_id"}} (SPEC §5).
+"""Every error response is JSON: {"error": {"code", "message", "request_id"}}.
 
-Production never shows a stack trace, exception class, SQL or host name; development adds
-a `detail` field. Unexpected errors are logged with the full details beside the request id.
+Domain errors (renderq.errors) get their status code here, and only here. Production never
+shows a stack trace, exception class, SQL or host name; development adds a `detail` field.
+Unexpected errors are logged with the full details beside the request id.
 """
 from __future__ import annotations
 
 import logging
 import uuid
 
-from flask import Flask, Response, current_app, g, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from webapp.logs import current_request_id
+from renderq import errors as domain
+from renderq.logs import current_request_id
+from renderq.runtime import settings
 
 log = logging.getLogger(__name__)
 
 DATABASE_RETRY_AFTER_SECONDS = 5
 
 
+STATUS_OF = {
+    domain.InvalidInput: 400,
+    domain.InsufficientCredits: 402,
+    domain.Forbidden: 403,
+    domain.NotFound: 404,
+    domain.Conflict: 409,
+    domain.TooLarge: 413,
+    domain.IdempotencyKeyReused: 422,
+}
+
+
 class ApiError(Exception):
-    """An error meant for the client: status, stable code and a message that says what to fix."""
+    """An HTTP-level refusal (no token, a body that is not JSON): status, stable code and a
+    message that says what to fix. Refusals of the domain are renderq.errors."""
 
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
@@ -37,7 +52,7 @@ def request_id() -> str:
 
 def error_response(status: int, code: str, message: str, detail: str | None = None) -> Response:
     body = {"code": code, "message": message, "request_id": request_id()}
-    if detail is not None and not current_app.extensions["renderq.settings"].production:
+    if detail is not None and not settings().production:
         body["detail"] = detail
     response = jsonify({"error": body})
     response.status_code = status
@@ -62,10 +77,14 @@ def register(app: Flask) -> None:
     def _api_error(error: ApiError) -> Response:
         return error_response(error.status, error.code, error.message)
 
+    @app.errorhandler(domain.DomainError)
+    def _domain_error(error: domain.DomainError) -> Response:
+        return error_response(STATUS_OF[type(error)], error.code, error.message)
+
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
         if error.code == 413:
-            limit = app.extensions["renderq.settings"].max_upload_bytes
+            limit = settings().max_upload_bytes
             return error_response(413, "PAYLOAD_TOO_LARGE", "The upload is larger than MAX_UPLOAD_BYTES (%d bytes)." % limit)
         return error_response(error.code or 500, _code_for(error), error.description or error.name)
 

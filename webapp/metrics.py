@@ -13,9 +13,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import text
 
-from tasks.dispatch import BACKGROUND_RUNS_KEY, redis_client
-from webapp.extensions import db
-from webapp.stats import counts
+from renderq.broker import BACKGROUND_RUNS_KEY
+from renderq.db import db
+from renderq.enums import AttemptOutcome, Status
+from renderq.runtime import redis_client
+from renderq.stats import counts
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("metrics", __name__)
@@ -27,9 +29,9 @@ _ATTEMPTS = text("""
 """)
 _DURATIONS = text("""
     SELECT kind, count(*) AS total, sum(duration_ms) / 1000.0 AS seconds, %s
-      FROM job_attempts WHERE outcome <> 'lost' GROUP BY kind
+      FROM job_attempts WHERE outcome <> :lost GROUP BY kind
 """ % ", ".join("count(*) FILTER (WHERE duration_ms <= %d) AS le_%d" % (b * 1000, i)
-                for i, b in enumerate(DURATION_BUCKETS)))
+                for i, b in enumerate(DURATION_BUCKETS))).bindparams(lost=AttemptOutcome.LOST)
 
 
 class RenderqCollector:
@@ -41,7 +43,7 @@ class RenderqCollector:
                 jobs.add_metric([status, kind], count)
         yield jobs
         in_flight = GaugeMetricFamily("renderq_generator_calls_in_flight", "Attempts calling the generator now")
-        in_flight.add_metric([], by_status["processing"])
+        in_flight.add_metric([], by_status[Status.PROCESSING])
         yield in_flight
 
         attempts = GaugeMetricFamily("renderq_attempts", "Generator calls of the jobs kept, by outcome; "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from config.kinds import KINDS, STYLES
-from webapp.models import STATUSES
+from renderq.enums import Status
 
 
 def nullable(schema: dict) -> dict:
@@ -31,7 +31,7 @@ SCHEMAS = {
         "photo_id": nullable(UUID),
         "user_id": INTEGER,
         "kind": {"type": "string", "enum": sorted(KINDS)},
-        "status": {"type": "string", "enum": list(STATUSES)},
+        "status": {"type": "string", "enum": [status.value for status in Status]},
         "outcome": nullable({"type": "string", "enum": ["succeeded", "blocked"]}),
         "block_reason": nullable(STRING),
         "attempts": {"type": "integer", "minimum": 0},

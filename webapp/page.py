@@ -1,4 +1,4 @@
-"""GET /: the one web page (SPEC §9). Plain HTML and JavaScript from webapp/static, no build step."""
+"""GET /: the one web page. Plain HTML and JavaScript from webapp/static, no build step."""
 from flask import Blueprint, Response, current_app, send_from_directory
 
 blueprint = Blueprint("page", __name__)

@@ -5,14 +5,14 @@ import base64
 import re
 import uuid
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-from flask import request
 from sqlalchemy import Select, tuple_
 
+from renderq.db import db
+from renderq.enums import Status
+from renderq.models import Job
 from webapp.errors import ApiError
-from webapp.extensions import db
-from webapp.models import STATUSES, Job
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
 MAX_ID = 2 ** 63 - 1  # PostgreSQL's bigint: no larger id can exist
@@ -27,10 +27,6 @@ def whole_number(raw: str, name: str, low: int, high: int) -> int:
     return int(raw)
 
 
-def _limit() -> int:
-    return whole_number(request.args.get("limit", str(DEFAULT_LIMIT)), "limit", 1, MAX_LIMIT)
-
-
 def _decode(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         created_at, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
@@ -43,25 +39,23 @@ def _encode(job: Job) -> str:
     return base64.urlsafe_b64encode(("%s|%s" % (job.created_at.isoformat(), job.id)).encode()).decode()
 
 
-def filtered_by_status(query: Select) -> Select:
-    """`query` narrowed to `?status=`, if given; 400 for a status that does not exist."""
-    status = request.args.get("status")
+def filtered_by_status(query: Select, status: Optional[str]) -> Select:
+    """`query` narrowed to `status`, if given; 400 for a status that does not exist."""
     if not status:
         return query
-    if status not in STATUSES:
-        raise ApiError(400, "INVALID_STATUS", "Unknown status %r; valid: %s." % (status, ", ".join(STATUSES)))
+    if status not in frozenset(Status):
+        raise ApiError(400, "INVALID_STATUS", "Unknown status %r; valid: %s." % (status, ", ".join(Status)))
     return query.where(Job.status == status)
 
 
-def page_of_jobs(query: Select, render: Callable[[Job], dict]) -> dict:
+def page_of_jobs(query: Select, render: Callable[[Job], dict], limit: Optional[str], cursor: Optional[str]) -> dict:
     """One page of `query`'s jobs, newest first, each through `render`, and the cursor of the
-    next page (or None)."""
-    limit = _limit()
-    cursor = request.args.get("cursor")
+    next page (or None). `limit` and `cursor` are the raw query parameters."""
+    size = whole_number(limit or str(DEFAULT_LIMIT), "limit", 1, MAX_LIMIT)
     if cursor:
         created_at, job_id = _decode(cursor)
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(created_at, job_id))
     rows: list[Any] = list(db.session.execute(
-        query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).scalars())
-    next_cursor = _encode(rows[limit - 1]) if len(rows) > limit else None
-    return {"items": [render(job) for job in rows[:limit]], "next_cursor": next_cursor}
+        query.order_by(Job.created_at.desc(), Job.id.desc()).limit(size + 1)).scalars())
+    next_cursor = _encode(rows[size - 1]) if len(rows) > size else None
+    return {"items": [render(job) for job in rows[:size]], "next_cursor": next_cursor}

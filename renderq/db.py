@@ -1,5 +1,4 @@
-"""Extensions, instantiated once here and bound to an app in create_app()."""
-from flask_migrate import Migrate
+"""The database handle, instantiated once here and bound to an app in renderq.app."""
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase
 
@@ -9,4 +8,3 @@ class Base(DeclarativeBase):
 
 
 db = SQLAlchemy(model_class=Base)
-migrate = Migrate()

@@ -1,4 +1,5 @@
-"""Accepting work: validate, store the photo, insert the job, commit, then publish its id."""
+"""Accepting work: check the request, hold the price, store the photo, insert the job, commit,
+then publish its id (never before the commit: a worker must find the row)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,13 +9,13 @@ from typing import Optional
 
 from config import Settings
 from config.kinds import KINDS, STYLES, JobKind, get_kind
-from tasks.dispatch import try_publish
-from webapp import idempotency, ledger, storage
-from webapp.errors import ApiError
-from webapp.extensions import db
-from webapp.logs import job_logging
-from webapp.models import Job, Photo, User
-from webapp.uploads import CheckedImage
+from renderq import billing, broker, storage
+from renderq.db import db
+from renderq.errors import InvalidInput
+from renderq.images import CheckedImage
+from renderq.jobs import idempotency
+from renderq.logs import job_logging
+from renderq.models import Job, Photo, User
 
 log = logging.getLogger(__name__)
 
@@ -23,21 +24,31 @@ MAX_PROMPT_CHARS = 2000
 
 def resolve_kind(name: object, default: str) -> JobKind:
     if name is not None and not isinstance(name, str):
-        raise ApiError(400, "INVALID_KIND", "kind must be a string, one of: %s." % ", ".join(sorted(KINDS)))
+        raise InvalidInput("INVALID_KIND", "kind must be a string, one of: %s." % ", ".join(sorted(KINDS)))
     try:
         return get_kind(name or default)
     except KeyError as error:
-        raise ApiError(400, "INVALID_KIND", str(error.args[0])) from None
+        raise InvalidInput("INVALID_KIND", str(error.args[0])) from None
 
 
 def check_params(style: Optional[str], prompt: Optional[str]) -> dict:
     style = style or "sketch"
     if style not in STYLES:
-        raise ApiError(400, "INVALID_STYLE", "Unknown style %r; valid styles: %s." % (style, ", ".join(STYLES)))
+        raise InvalidInput("INVALID_STYLE", "Unknown style %r; valid styles: %s." % (style, ", ".join(STYLES)))
     prompt = prompt or ""
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise ApiError(400, "INVALID_PROMPT", "The prompt is longer than %d characters." % MAX_PROMPT_CHARS)
+        raise InvalidInput("INVALID_PROMPT", "The prompt is longer than %d characters." % MAX_PROMPT_CHARS)
     return {"style": style, "prompt": prompt}
+
+
+def check_idempotency_key(key: Optional[str]) -> Optional[str]:
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > idempotency.MAX_KEY_LENGTH:
+        raise InvalidInput("INVALID_IDEMPOTENCY_KEY",
+                           "Idempotency-Key must be 1 to %d characters." % idempotency.MAX_KEY_LENGTH)
+    return key
 
 
 def _store_photo(user: User, image: CheckedImage, settings: Settings) -> Photo:
@@ -55,11 +66,11 @@ def submit(user_id: int, kind: JobKind, params: dict, settings: Settings, *,
            image: Optional[CheckedImage] = None, photo: Optional[Photo] = None,
            idempotency_key: Optional[str] = None) -> Job:
     """Hold the price, store the photo, insert the job and commit; publish only after the
-    commit (SPEC §11). A refusal (402) stores nothing; a replayed Idempotency-Key returns
+    commit. A refusal (InsufficientCredits) stores nothing; a replayed Idempotency-Key returns
     the job the first request made."""
     if kind.needs_photo and image is None and photo is None:
-        raise ApiError(400, "PHOTO_REQUIRED", "Kind %r needs a photo: upload one in the 'file' field." % kind.name)
-    user = ledger.lock_user(user_id)
+        raise InvalidInput("PHOTO_REQUIRED", "Kind %r needs a photo: upload one in the 'file' field." % kind.name)
+    user = billing.lock_user(user_id)
     if idempotency_key:
         digest = idempotency.fingerprint(kind=kind.name, params=params, photo=str(photo.id) if photo else None,
                                          image=hashlib.sha256(image.data).hexdigest() if image else None)
@@ -68,7 +79,7 @@ def submit(user_id: int, kind: JobKind, params: dict, settings: Settings, *,
             db.session.commit()
             return db.session.get(Job, replayed)
     job_id = uuid.uuid4()
-    ledger.hold(user, job_id, kind.price)
+    billing.hold(user, job_id, kind.price)
     if image is not None:
         photo = _store_photo(user, image, settings)
     job = Job(id=job_id, user_id=user.id, photo_id=photo.id if photo else None,
@@ -80,6 +91,6 @@ def submit(user_id: int, kind: JobKind, params: dict, settings: Settings, *,
     db.session.commit()
     with job_logging(job.id):
         log.info("📋 [QUEUE] job %s accepted (%s) for user %s", job.id, kind.name, user.id)
-        try_publish(job.id, kind.name)
+        broker.try_publish(job.id, kind.name)
     db.session.refresh(job)
     return job

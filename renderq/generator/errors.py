@@ -1,6 +1,8 @@
-"""The one place where generator failures are classified (SPEC §2).
+"""The one place where generator failures are classified.
 
-transient → retry; safety block → completed/blocked, no charge; permanent → failed, no retry.
+transient (connection errors, timeouts, 5xx, 429, GENERATOR_BUSY) → retry;
+safety block (the three codes below) → completed/blocked, no charge;
+permanent (any other 4xx, e.g. INVALID_INPUT) → failed, no retry.
 """
 from __future__ import annotations
 
@@ -9,12 +11,15 @@ from typing import Optional
 import requests
 from celery.exceptions import SoftTimeLimitExceeded
 
+from renderq.enums import AttemptOutcome
+
 SAFETY_BLOCK_CODES = frozenset({"CONTENT_SAFETY_VIOLATION", "COPYRIGHT_VIOLATION", "SAFETY_AGREEMENT_REQUIRED"})
 TRANSIENT_CODES = frozenset({"GENERATOR_BUSY"})
 
 
 class GeneratorFailure(Exception):
-    """A classified failure of one generator call."""
+    """A classified failure of one generator call; `outcome` is how its attempt is recorded."""
+    outcome: AttemptOutcome
 
     def __init__(self, code: str, detail: str):
         super().__init__("%s: %s" % (code, detail))
@@ -23,17 +28,19 @@ class GeneratorFailure(Exception):
 
 
 class TransientFailure(GeneratorFailure):
+    outcome = AttemptOutcome.TRANSIENT
+
     def __init__(self, code: str, detail: str, retry_after: float = 0):
         super().__init__(code, detail)
         self.retry_after = retry_after
 
 
 class SafetyBlock(GeneratorFailure):
-    pass
+    outcome = AttemptOutcome.BLOCKED
 
 
 class PermanentFailure(GeneratorFailure):
-    pass
+    outcome = AttemptOutcome.FAILED
 
 
 def _retry_after_seconds(response: requests.Response) -> float:
@@ -76,16 +83,3 @@ def classify_exception(error: BaseException) -> Optional[GeneratorFailure]:
     if isinstance(error, requests.ConnectionError):
         return TransientFailure("GENERATOR_UNREACHABLE", "generator connection failed: %s" % error)
     return None
-
-
-class RetryLater(Exception):
-    """The job was moved to `retrying`; Celery's autoretry re-sends it after `countdown` seconds."""
-
-    def __init__(self, countdown: float):
-        super().__init__("retry in %.3fs" % countdown)
-        self.countdown = countdown
-
-
-class Throttled(RetryLater):
-    """No generator slot was free (GENERATOR_MAX_INFLIGHT); the message comes back later
-    without spending an attempt."""

@@ -1,4 +1,5 @@
-"""The tables: users, photos and jobs (the mirror of every job's state)."""
+"""The tables: users, photos, jobs (the mirror of every job's state), the ledger, notifications,
+idempotency keys and the attempt history."""
 from __future__ import annotations
 
 import uuid
@@ -8,21 +9,8 @@ from typing import Any, Optional
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, String, Text, func, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from webapp.extensions import db
-
-PENDING = "pending"
-PROCESSING = "processing"
-RETRYING = "retrying"
-PENDING_BACKGROUND_RETRY = "pending_background_retry"
-COMPLETED = "completed"
-FAILED = "failed"
-CANCELED = "canceled"
-
-STATUSES = (PENDING, PROCESSING, RETRYING, PENDING_BACKGROUND_RETRY, COMPLETED, FAILED, CANCELED)
-TERMINAL_STATUSES = (COMPLETED, FAILED, CANCELED)
-
-SUCCEEDED = "succeeded"
-BLOCKED = "blocked"
+from renderq.db import db
+from renderq.enums import Outcome, Status
 
 
 def _now_column(**kwargs: Any) -> Mapped[datetime]:
@@ -38,7 +26,7 @@ class User(db.Model):
     is_admin: Mapped[bool] = mapped_column(default=False)
     balance: Mapped[int] = mapped_column(BigInteger, default=0)
     # Sum of this user's open holds, kept in the same transactions as the ledger rows so the
-    # 402 check reads one row; the ledger stays the record (see webapp.ledger).
+    # 402 check reads one row; the ledger stays the record (see renderq.billing).
     held: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     locale: Mapped[Optional[str]] = mapped_column(String(8))
     webhook_url: Mapped[Optional[str]] = mapped_column(Text)
@@ -68,7 +56,7 @@ class Job(db.Model):
     kind: Mapped[str] = mapped_column(String(64))
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     price: Mapped[int] = mapped_column(default=0)
-    status: Mapped[str] = mapped_column(String(32), default=PENDING)
+    status: Mapped[str] = mapped_column(String(32), default=Status.PENDING)
     outcome: Mapped[Optional[str]] = mapped_column(String(16))
     block_reason: Mapped[Optional[str]] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(default=0)
@@ -80,13 +68,22 @@ class Job(db.Model):
     # The claim of the running attempt: a fencing token and a lease the attempt renews.
     lease_token: Mapped[Optional[uuid.UUID]]
     lease_expires_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
-    # Which life of the broker holds this job's message (see tasks.dispatch).
+    # Which life of the broker holds this job's message (see renderq.broker).
     broker_epoch: Mapped[Optional[str]] = mapped_column(String(36))
     published_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now_column()
     started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = _now_column()
+
+    @property
+    def result_url(self) -> Optional[str]:
+        """Where the rendered image is served, once the job has succeeded."""
+        if self.outcome != Outcome.SUCCEEDED:
+            return None
+        if self.photo_id is not None:
+            return "/api/photos/%s/result" % self.photo_id
+        return "/api/jobs/%s/result" % self.id
 
     __table_args__ = (
         Index("ix_jobs_user_created", "user_id", text("created_at DESC"), text("id DESC")),
@@ -100,8 +97,6 @@ class Job(db.Model):
     )
 
 
-HOLD, CAPTURE, RELEASE, TOPUP = "hold", "capture", "release", "topup"
-
 
 class LedgerEntry(db.Model):
     """Append-only credit movements. At most one hold, capture and release per job,
@@ -112,7 +107,7 @@ class LedgerEntry(db.Model):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     # No foreign key: the ledger outlives jobs purged after COMPLETED_JOB_TTL.
     job_id: Mapped[Optional[uuid.UUID]]
-    entry_type: Mapped[str] = mapped_column(String(16))
+    entry_type: Mapped[str] = mapped_column(String(16))  # an EntryKind
     amount: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = _now_column()
 
@@ -166,9 +161,9 @@ class JobAttempt(db.Model):
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     number: Mapped[int]
-    tier: Mapped[str] = mapped_column(String(16))  # fast | background
+    tier: Mapped[str] = mapped_column(String(16))  # a Tier
     kind: Mapped[str] = mapped_column(String(64))
-    outcome: Mapped[str] = mapped_column(String(16))  # succeeded | blocked | failed | transient | lost
+    outcome: Mapped[str] = mapped_column(String(16))  # an AttemptOutcome
     error_code: Mapped[Optional[str]] = mapped_column(String(64))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     duration_ms: Mapped[int]

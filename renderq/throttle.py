@@ -1,4 +1,4 @@
-"""GENERATOR_MAX_INFLIGHT: a cap on generator calls in flight across every worker (SPEC §11).
+"""GENERATOR_MAX_INFLIGHT: a cap on generator calls in flight across every worker.
 
 Slots are members of a Redis sorted set scored by their expiry, taken and freed atomically
 in Lua, so a worker that dies mid-call frees its slot when the call could no longer be
@@ -15,8 +15,8 @@ from typing import Iterator
 
 from config import Settings
 from config.kinds import get_kind
-from tasks.dispatch import redis_client
-from tasks.errors import Throttled
+from renderq.jobs.policy import Throttled
+from renderq.runtime import redis_client
 
 SLOTS_KEY = "renderq:generator-slots"
 USER_SLOTS_KEY = "renderq:generator-slots:user:%s"

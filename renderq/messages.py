@@ -1,4 +1,4 @@
-"""Texts shown to people: block explanations (SPEC §4) and public error messages (SPEC §5)."""
+"""Texts shown to people: block explanations and public error messages, in en and ru."""
 from __future__ import annotations
 
 BLOCK_MESSAGES = {

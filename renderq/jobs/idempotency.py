@@ -7,35 +7,23 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Optional
 
-from flask import request
-
-from webapp.errors import ApiError
-from webapp.extensions import db
-from webapp.models import IdempotencyKey
+from renderq.db import db
+from renderq.errors import IdempotencyKeyReused
+from renderq.models import IdempotencyKey
 
 KEY_LIFETIME = timedelta(hours=24)
 MAX_KEY_LENGTH = 255
 
 
-def requested_key() -> Optional[str]:
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
-    key = key.strip()
-    if not key or len(key) > MAX_KEY_LENGTH:
-        raise ApiError(400, "INVALID_IDEMPOTENCY_KEY", "Idempotency-Key must be 1 to %d characters." % MAX_KEY_LENGTH)
-    return key
-
-
 def fingerprint(**parts: object) -> str:
-    """A digest of what was asked for: same key with another body is a client error."""
+    """A digest of what was asked for: the same key with another body is a client error."""
     canonical = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def replayed_job(user_id: int, key: str, digest: str) -> Optional[uuid.UUID]:
-    """The job an earlier request with this key made, if still valid; 422 if the body differs.
-    Runs under the user's row lock, so two requests with one key cannot both miss."""
+    """The job an earlier request with this key made, if still valid; IdempotencyKeyReused if
+    the body differs. Runs under the user's row lock, so two requests with one key cannot both miss."""
     existing = db.session.get(IdempotencyKey, (user_id, key), populate_existing=True)
     if existing is None:
         return None
@@ -44,8 +32,7 @@ def replayed_job(user_id: int, key: str, digest: str) -> Optional[uuid.UUID]:
         db.session.flush()
         return None
     if existing.fingerprint != digest:
-        raise ApiError(422, "IDEMPOTENCY_KEY_REUSED",
-                       "This Idempotency-Key was used with a different request; use a new key for a new request.")
+        raise IdempotencyKeyReused()
     return existing.job_id
 
 

@@ -20,6 +20,11 @@ def save(media_root: str, relative: str, data: bytes) -> str:
     return relative
 
 
+def read(media_root: str, relative: str) -> bytes:
+    with open(absolute_path(media_root, relative), "rb") as handle:
+        return handle.read()
+
+
 def delete(media_root: str, relative: str | None) -> None:
     if relative:
         try:

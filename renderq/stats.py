@@ -3,19 +3,20 @@ from __future__ import annotations
 
 from typing import Optional
 
-from sqlalchemy import func, select, text
+from sqlalchemy import Select, func, select, text, tuple_
 
 from config.kinds import KINDS
-from webapp.extensions import db
-from webapp.models import STATUSES, Job
+from renderq.db import db
+from renderq.enums import AttemptOutcome, Outcome, Status
+from renderq.models import Job
 
 _DURATIONS = text("""
     SELECT count(*) AS samples,
            percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50,
            percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95
       FROM job_attempts
-     WHERE started_at > now() - interval '1 hour' AND outcome <> 'lost'
-""")
+     WHERE started_at > now() - interval '1 hour' AND outcome <> :lost
+""").bindparams(lost=AttemptOutcome.LOST)
 
 
 def counts(user_id: Optional[int] = None) -> tuple[dict, dict]:
@@ -23,11 +24,11 @@ def counts(user_id: Optional[int] = None) -> tuple[dict, dict]:
     query = select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
     if user_id is not None:
         query = query.where(Job.user_id == user_id)
-    by_status = {status: 0 for status in STATUSES}
-    by_kind = {kind: {status: 0 for status in STATUSES} for kind in KINDS}
+    by_status = {status.value: 0 for status in Status}
+    by_kind = {kind: {status.value: 0 for status in Status} for kind in KINDS}
     for kind, status, count in db.session.execute(query):
         by_status[status] += count
-        by_kind.setdefault(kind, {status: 0 for status in STATUSES})[status] += count
+        by_kind.setdefault(kind, {status.value: 0 for status in Status})[status] += count
     return by_status, by_kind
 
 
@@ -40,15 +41,26 @@ def attempt_durations() -> dict:
 def background(user_id: Optional[int]) -> dict:
     scope = [] if user_id is None else [Job.user_id == user_id]
     by_status, by_kind = counts(user_id)
-    blocked = db.session.execute(select(func.count()).select_from(Job).where(Job.outcome == "blocked", *scope)).scalar()
+    blocked = db.session.execute(select(func.count()).select_from(Job).where(Job.outcome == Outcome.BLOCKED, *scope)).scalar()
     histogram = {str(retries): count for retries, count in db.session.execute(
         select(Job.retry_count, func.count()).where(*scope).group_by(Job.retry_count).order_by(Job.retry_count))}
     return {
-        "pending_background_retry": by_status["pending_background_retry"],
-        "processing": by_status["processing"],
-        "failed": by_status["failed"],
-        "completed": by_status["completed"],
+        "pending_background_retry": by_status[Status.PENDING_BACKGROUND_RETRY],
+        "processing": by_status[Status.PROCESSING],
+        "failed": by_status[Status.FAILED],
+        "completed": by_status[Status.COMPLETED],
         "blocked": blocked,
         "retry_count_histogram": histogram,
         "by_kind": {kind: sum(statuses.values()) for kind, statuses in by_kind.items()},
     }
+
+
+def jobs_ahead(job: Job) -> Select:
+    """The count of pending jobs taken before `job`: it reads the partial index of pending jobs
+    (ix_jobs_pending_queue), so finished jobs, however many, cost nothing."""
+    return select(func.count()).select_from(Job).where(
+        Job.status == Status.PENDING, tuple_(Job.created_at, Job.id) < tuple_(job.created_at, job.id))
+
+
+def queue_position(job: Job) -> Optional[int]:
+    return db.session.execute(jobs_ahead(job)).scalar_one() if job.status == Status.PENDING else None

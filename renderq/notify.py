@@ -1,7 +1,8 @@
-"""Notification rows: one per (job, event), written in the transaction that finishes the job.
+"""Notifications: which finishes notify, the row written in the transaction that finishes the
+job (one per job and event), and the bookkeeping of its webhook delivery.
 
 Only `succeeded` and `blocked` notify (and `failed` with NOTIFY_ON_FAILURE=true): never a
-retry or a transient error (SPEC §4). Webhook delivery is the tasks.webhooks task's job.
+retry or a transient error. renderq.webhooks sends them.
 """
 from __future__ import annotations
 
@@ -14,17 +15,29 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from config import Settings
-from webapp.extensions import db
-from webapp.messages import block_message, public_error
-from webapp.models import Job, Notification, User
+from renderq.db import db
+from renderq.enums import Event, Outcome, Status
+from renderq.messages import block_message, public_error
+from renderq.models import Job, Notification, User
 
 
-def payload(job: Any, event: str, locale: str) -> dict:
+def event_for(status: Status, outcome: Optional[str], settings: Settings) -> Optional[Event]:
+    """What a finished job tells its user, if anything."""
+    if outcome == Outcome.SUCCEEDED:
+        return Event.SUCCEEDED
+    if outcome == Outcome.BLOCKED:
+        return Event.BLOCKED
+    if status == Status.FAILED and settings.notify_on_failure:
+        return Event.FAILED
+    return None
+
+
+def payload(job: Job, event: Event, locale: str) -> dict:
     body = {"event": "job.%s" % event, "job_id": str(job.id), "status": job.status, "outcome": job.outcome,
             "kind": job.kind}
-    if event == "succeeded":
-        body["result_url"] = ("/api/photos/%s/result" % job.photo_id) if job.photo_id else "/api/jobs/%s/result" % job.id
-    elif event == "blocked":
+    if event == Event.SUCCEEDED:
+        body["result_url"] = job.result_url
+    elif event == Event.BLOCKED:
         body["block_reason"] = job.block_reason
         body["message"] = block_message(job.block_reason, locale)
     else:
@@ -32,7 +45,7 @@ def payload(job: Any, event: str, locale: str) -> dict:
     return body
 
 
-def record(job_id: uuid.UUID, event: str, settings: Settings) -> Optional[int]:
+def record(job_id: uuid.UUID, event: Event, settings: Settings) -> Optional[int]:
     """Insert the notification unless it exists; its id if this call created it."""
     job = db.session.get(Job, job_id, populate_existing=True)
     user = db.session.get(User, job.user_id)

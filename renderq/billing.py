@@ -1,4 +1,4 @@
-"""Credits: holds on acceptance, a capture on success, a release otherwise (SPEC §3).
+"""Credits: a hold on acceptance, a capture on success, a release otherwise.
 
 Every function runs inside the caller's transaction. The unique index on (job, entry type)
 makes a second capture or release of the same job a no-op, whatever is redelivered.
@@ -9,9 +9,10 @@ import uuid
 
 from sqlalchemy import select, text, update
 
-from webapp.errors import ApiError
-from webapp.extensions import db
-from webapp.models import CAPTURE, HOLD, RELEASE, TOPUP, LedgerEntry, User
+from renderq.db import db
+from renderq.enums import EntryKind
+from renderq.errors import InsufficientCredits
+from renderq.models import LedgerEntry, User
 
 
 def lock_user(user_id: int) -> User:
@@ -25,9 +26,8 @@ def hold(user: User, job_id: uuid.UUID, price: int) -> None:
     """Put `price` on hold for a job; the caller has locked the user with lock_user()."""
     available = user.balance - user.held
     if price > available:
-        raise ApiError(402, "INSUFFICIENT_CREDITS",
-                       "This costs %d credits and %d are available; top up the balance and try again." % (price, available))
-    db.session.add(LedgerEntry(user_id=user.id, job_id=job_id, entry_type=HOLD, amount=price))
+        raise InsufficientCredits(price, available)
+    db.session.add(LedgerEntry(user_id=user.id, job_id=job_id, entry_type=EntryKind.HOLD, amount=price))
     user.held += price
 
 
@@ -35,26 +35,27 @@ _SETTLE = text("""
     INSERT INTO ledger_entries (user_id, job_id, entry_type, amount)
     SELECT h.user_id, h.job_id, :entry_type, h.amount
       FROM ledger_entries h
-     WHERE h.job_id = :job_id AND h.entry_type = 'hold'
+     WHERE h.job_id = :job_id AND h.entry_type = :hold
        AND NOT EXISTS (SELECT 1 FROM ledger_entries s
-                        WHERE s.job_id = h.job_id AND s.entry_type IN ('capture', 'release'))
+                        WHERE s.job_id = h.job_id AND s.entry_type IN (:capture, :release))
     ON CONFLICT DO NOTHING
     RETURNING user_id, amount
 """)
 
 
-def settle(job_id: uuid.UUID, entry_type: str) -> bool:
+def settle(job_id: uuid.UUID, entry_type: EntryKind) -> bool:
     """Capture or release the job's hold, once; False if it was already settled (or never held)."""
-    assert entry_type in (CAPTURE, RELEASE)
-    row = db.session.execute(_SETTLE, {"job_id": job_id, "entry_type": entry_type}).first()
+    assert entry_type in (EntryKind.CAPTURE, EntryKind.RELEASE)
+    row = db.session.execute(_SETTLE, {"job_id": job_id, "entry_type": entry_type, "hold": EntryKind.HOLD,
+                                       "capture": EntryKind.CAPTURE, "release": EntryKind.RELEASE}).first()
     if row is None:
         return False
-    charged = row.amount if entry_type == CAPTURE else 0
+    charged = row.amount if entry_type == EntryKind.CAPTURE else 0
     db.session.execute(update(User).where(User.id == row.user_id).values(
         held=User.held - row.amount, balance=User.balance - charged))
     return True
 
 
 def top_up(user: User, amount: int) -> None:
-    db.session.add(LedgerEntry(user_id=user.id, job_id=None, entry_type=TOPUP, amount=amount))
+    db.session.add(LedgerEntry(user_id=user.id, job_id=None, entry_type=EntryKind.TOPUP, amount=amount))
     user.balance += amount

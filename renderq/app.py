@@ -1,0 +1,44 @@
+"""The Flask app every renderq process runs in: settings, database, Celery and logging bound
+once. The web (webapp.create_app) adds HTTP to it; the worker, beat and Flower use it as it is."""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional
+
+from celery import Celery
+from flask import Flask
+
+import celeryconfig
+from config import ConfigError, load_settings
+from renderq.db import db
+from renderq.logs import configure_logging
+
+
+def create_base_app(config: Optional[Mapping[str, str]] = None, name: str = "renderq") -> Flask:
+    """`config` overrides environment variables (tests pass a mapping)."""
+    settings = load_settings({**os.environ, **(config or {})})
+    try:  # uploads and results go there, and beat keeps its schedule there (Procfile)
+        os.makedirs(settings.media_root, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("MEDIA_ROOT=%s cannot be created: %s" % (settings.media_root, error.strerror)) from None
+    app = Flask(name)
+    app.extensions["renderq.settings"] = settings
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=settings.database_url,
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True, "pool_size": 5, "max_overflow": 10},
+    )
+    configure_logging(settings.log_format)
+    db.init_app(app)
+    _bind_celery(app)
+    return app
+
+
+def _bind_celery(flask_app: Flask) -> Celery:
+    """Flask's `celery_init_app` pattern: tasks find the Flask app as `self.app.flask_app`
+    (tasks.base.AppContextTask runs them inside its context)."""
+    celery = Celery(flask_app.name)
+    celery.flask_app = flask_app
+    celery.conf.update(celeryconfig.from_settings(flask_app.extensions["renderq.settings"]))
+    celery.set_default()
+    flask_app.extensions["celery"] = celery
+    return celery

@@ -1,0 +1,66 @@
+"""Core tests: renderq's domain called directly, on a real PostgreSQL, with no worker running."""
+from __future__ import annotations
+
+import uuid
+from typing import Iterator
+
+import pytest
+from sqlalchemy import text
+
+from renderq import billing
+from renderq.db import db
+from renderq.enums import Status
+from renderq.models import Job, User
+from tests.conftest import BASE_DATABASE_URL
+from tests.support import create_database, drop_database
+
+
+@pytest.fixture(scope="session")
+def core_app(base_env) -> Iterator:
+    """The app on a database of its own, so that batch operations see only these tests' rows."""
+    from flask_migrate import upgrade
+
+    from webapp import create_app
+
+    database_url = create_database(BASE_DATABASE_URL, prefix="renderq_core")
+    app = create_app({**base_env, "DATABASE_URL": database_url})
+    with app.app_context():
+        upgrade()
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+    drop_database(database_url)
+
+
+@pytest.fixture()
+def ctx(core_app) -> Iterator[None]:
+    """An app context; every row a test made is gone after it."""
+    with core_app.app_context():
+        yield
+        db.session.rollback()
+        db.session.execute(text("TRUNCATE jobs, photos, ledger_entries, notifications, idempotency_keys, "
+                                "job_attempts, users"))
+        db.session.commit()
+
+
+def new_user(balance: int = 10) -> User:
+    user = User(email="core-%s@example.com" % uuid.uuid4().hex[:12], token_hash=uuid.uuid4().hex, balance=0, held=0)
+    db.session.add(user)
+    db.session.flush()
+    if balance:
+        billing.top_up(user, balance)
+    db.session.commit()
+    return user
+
+
+def new_job(user: User, status: Status = Status.PENDING, price: int = 1, hold: bool = True, **values: object) -> Job:
+    """A job row in `status`, its price held as a submission would."""
+    job_id = uuid.uuid4()
+    locked = billing.lock_user(user.id)
+    if hold:
+        billing.hold(locked, job_id, price)
+    job = Job(id=job_id, user_id=user.id, kind="photo.render", params={"style": "sepia", "prompt": ""},
+              price=price, status=status, **values)
+    db.session.add(job)
+    db.session.commit()
+    return job

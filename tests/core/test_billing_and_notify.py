@@ -1,0 +1,94 @@
+"""Ledger arithmetic and notification idempotency, on the real database, with no worker."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from config import load_settings
+from renderq import billing, notify
+from renderq.db import db
+from renderq.enums import EntryKind, Event, Outcome, Status
+from renderq.errors import InsufficientCredits
+from renderq.models import LedgerEntry, Notification, User
+from tests.core.conftest import new_job, new_user
+
+
+def balances(user_id: int) -> tuple[int, int]:
+    user = db.session.get(User, user_id, populate_existing=True)
+    return user.balance, user.balance - user.held
+
+
+def entries(job_id: uuid.UUID) -> list[str]:
+    return sorted(db.session.execute(select(LedgerEntry.entry_type).where(LedgerEntry.job_id == job_id)).scalars())
+
+
+def test_a_hold_lowers_available_and_a_capture_charges_once(ctx):
+    user = new_user(balance=5)
+    job = new_job(user, price=2)
+    assert balances(user.id) == (5, 3)
+    assert billing.settle(job.id, EntryKind.CAPTURE)
+    assert not billing.settle(job.id, EntryKind.CAPTURE)  # a redelivered finish
+    assert not billing.settle(job.id, EntryKind.RELEASE)  # and a racing one of the other kind
+    db.session.commit()
+    assert balances(user.id) == (3, 3)
+    assert entries(job.id) == ["capture", "hold"]
+
+
+def test_a_release_gives_the_hold_back_and_charges_nothing(ctx):
+    user = new_user(balance=5)
+    job = new_job(user, price=2)
+    assert billing.settle(job.id, EntryKind.RELEASE)
+    assert not billing.settle(job.id, EntryKind.CAPTURE)
+    db.session.commit()
+    assert balances(user.id) == (5, 5)
+
+
+def test_a_hold_past_what_is_available_is_refused_and_writes_nothing(ctx):
+    user = new_user(balance=3)
+    new_job(user, price=2)
+    locked = billing.lock_user(user.id)
+    with pytest.raises(InsufficientCredits) as refused:
+        billing.hold(locked, uuid.uuid4(), 2)
+    assert (refused.value.price, refused.value.available) == (2, 1)
+    db.session.rollback()
+    assert db.session.execute(select(func.count()).select_from(LedgerEntry)
+                              .where(LedgerEntry.user_id == user.id)).scalar() == 2  # the topup and one hold
+
+
+def test_balance_is_topups_minus_captures_and_available_subtracts_open_holds(ctx):
+    user = new_user(balance=10)
+    jobs = [new_job(user, price=price) for price in (1, 2, 3)]
+    billing.settle(jobs[0].id, EntryKind.CAPTURE)
+    billing.settle(jobs[1].id, EntryKind.RELEASE)
+    billing.top_up(billing.lock_user(user.id), 4)
+    db.session.commit()
+    sums = dict(db.session.execute(select(LedgerEntry.entry_type, func.sum(LedgerEntry.amount))
+                                   .where(LedgerEntry.user_id == user.id).group_by(LedgerEntry.entry_type)).all())
+    assert balances(user.id) == (sums["topup"] - sums["capture"], 14 - 1 - 3)
+
+
+@pytest.mark.parametrize("status, outcome, notify_on_failure, event", [
+    (Status.COMPLETED, Outcome.SUCCEEDED, False, Event.SUCCEEDED),
+    (Status.COMPLETED, Outcome.BLOCKED, False, Event.BLOCKED),
+    (Status.FAILED, None, False, None),
+    (Status.FAILED, None, True, Event.FAILED),
+    (Status.CANCELED, None, True, None),
+])
+def test_who_is_told_what(status, outcome, notify_on_failure, event):
+    settings = load_settings({"NOTIFY_ON_FAILURE": str(notify_on_failure)})
+    assert notify.event_for(status, outcome, settings) == event
+
+
+def test_one_notification_per_job_and_event_however_often_it_is_recorded(ctx, core_app):
+    user = new_user()
+    job = new_job(user, Status.COMPLETED, outcome=Outcome.BLOCKED, block_reason="COPYRIGHT_VIOLATION")
+    settings = core_app.extensions["renderq.settings"]
+    first = notify.record(job.id, Event.BLOCKED, settings)
+    second = notify.record(job.id, Event.BLOCKED, settings)
+    db.session.commit()
+    assert first is not None and second is None
+    rows = db.session.execute(select(Notification).where(Notification.job_id == job.id)).scalars().all()
+    assert len(rows) == 1 and rows[0].payload["block_reason"] == "COPYRIGHT_VIOLATION"
+    assert rows[0].payload["message"].startswith("🚫 This image cannot be processed")
