@@ -7,6 +7,14 @@ from config import Settings
 from config.kinds import longest_hard_time_limit
 
 
+# Job attempts, beat's maintenance and webhook deliveries each have a queue and a consumer of
+# their own (Procfile: worker, maintenance, webhooks), so that a backlog of attempts never
+# delays the reconciler, and a slow webhook receiver never holds an attempt's slot.
+ATTEMPTS_QUEUE = "celery"
+MAINTENANCE_QUEUE = "maintenance"
+WEBHOOKS_QUEUE = "webhooks"
+
+
 def visibility_timeout(settings: Settings) -> int:
     # Redis hands an unacknowledged message to another worker after this many seconds. A
     # retry's countdown is spent *reserved but unacknowledged* inside a worker, so the
@@ -52,6 +60,13 @@ def from_settings(settings: Settings) -> dict:
         timezone="UTC",
         enable_utc=True,
         include=["tasks.jobs", "tasks.sweeps", "tasks.webhooks"],
+        task_default_queue=ATTEMPTS_QUEUE,
+        task_routes={
+            "renderq.background.process": {"queue": MAINTENANCE_QUEUE},
+            "renderq.queue.reconcile": {"queue": MAINTENANCE_QUEUE},
+            "renderq.maintenance.cleanup": {"queue": MAINTENANCE_QUEUE},
+            "renderq.notifications.deliver": {"queue": WEBHOOKS_QUEUE},
+        },
         beat_schedule={
             "background-processor": {
                 "task": "renderq.background.process",

@@ -13,7 +13,7 @@ import redis
 from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.support import BIN, Process, beat_command, free_port, start_generator, wait_for, worker_command  # noqa: E402
+from tests.support import BIN, Process, free_port, side_processes, start_generator, wait_for, worker_command  # noqa: E402
 
 
 class BenchStack:
@@ -45,7 +45,7 @@ class BenchStack:
         self.processes.append(Process("web", [str(BIN / "gunicorn"), "--bind", self.web_url[7:], "--workers", "2",
                                               "--threads", "8", "webapp:create_app()"], self.env, self.work).start())
         self.processes.append(Process("worker", worker_command(self.concurrency), self.env, self.work).start())
-        self.processes.append(Process("beat", beat_command(self.work / "beat-schedule"), self.env, self.work).start())
+        self.processes += [process.start() for process in side_processes(self.env, self.work)]
         import requests
         wait_for(lambda: _ok(requests, self.web_url + "/healthz"), timeout=30, what="the web process")
         return self

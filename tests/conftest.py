@@ -18,8 +18,8 @@ import requests
 from PIL import Image
 
 from tests.support import (
-    BIN, Process, beat_command, create_database, drop_database, free_port, redis_database, start_generator, wait_for,
-    wait_for_health, worker_command,
+    BIN, Process, create_database, drop_database, free_port, redis_database, side_processes, start_generator,
+    wait_for, wait_for_health, worker_command,
 )
 
 TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "14"))
@@ -124,18 +124,20 @@ class Stack:
         self.env = env
         self.log_dir = log_dir
         self.worker = Process("worker", worker_command(), env, log_dir)
-        self.beat = Process("beat", beat_command(log_dir / "beat-schedule"), env, log_dir)
+        self.side = side_processes(env, log_dir)
 
     def start(self) -> "Stack":
         self.worker.start()
-        self.beat.start()
+        for process in self.side:
+            process.start()
         return self
 
     def restart_worker(self) -> None:
         self.worker = Process("worker", worker_command(), self.env, self.log_dir).start()
 
     def stop(self) -> None:
-        self.beat.stop()
+        for process in self.side:
+            process.stop()
         self.worker.stop()
 
 

@@ -93,13 +93,23 @@ def wait_for_health(url: str, timeout: float, what: str) -> None:
     wait_for(healthy, timeout=timeout, what=what)
 
 
-def worker_command(concurrency: int = 2) -> list[str]:
-    return [str(BIN / "celery"), "-A", "tasks", "worker", "--concurrency", str(concurrency),
-            "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--hostname", "test-%h-" + str(os.getpid())]
+def worker_command(concurrency: int = 2, queue: str = "celery", pool: str | None = None) -> list[str]:
+    """A celery worker as the Procfile runs one (`worker`, `maintenance` or `webhooks` by queue)."""
+    return [str(BIN / "celery"), "-A", "tasks", "worker", "-Q", queue, "--concurrency", str(concurrency),
+            *(["--pool", pool] if pool else []), "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+            "--hostname", "test-%s-%%h-%d" % (queue, os.getpid())]
 
 
 def beat_command(schedule: Path) -> list[str]:
     return [str(BIN / "celery"), "-A", "tasks", "beat", "--schedule", str(schedule), "--loglevel", "INFO"]
+
+
+def side_processes(env: dict, log_dir: Path) -> list[Process]:
+    """Beat and the consumers of maintenance and webhooks: what every stack needs beside its
+    attempt workers."""
+    return [Process("maintenance", worker_command(2, "maintenance", "threads"), env, log_dir),
+            Process("webhooks", worker_command(4, "webhooks", "threads"), env, log_dir),
+            Process("beat", beat_command(log_dir / "beat-schedule"), env, log_dir)]
 
 
 def _admin_dsn(url: str) -> str:

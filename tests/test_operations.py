@@ -110,7 +110,8 @@ def procfile() -> dict:
 def test_compose_runs_the_procfile_commands_with_every_setting():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "redis", "migrate", "web", "worker", "beat", "flower", "generator"}
+    assert set(services) == {"postgres", "redis", "migrate", "web", "worker", "maintenance", "webhooks", "beat",
+                             "flower", "generator"}
     assert services["postgres"]["healthcheck"] and services["redis"]["healthcheck"]
     assert services["postgres"]["volumes"] and services["redis"]["volumes"]
     assert services["migrate"]["command"] == "flask --app webapp db upgrade"
@@ -126,7 +127,7 @@ def test_compose_runs_the_procfile_commands_with_every_setting():
         actual = re.sub(r"\$\{(\w+)(?::[-?][^}]*)?\}", lambda match: values.get(match.group(1), "${%s}" % match.group(1)),
                         service["command"])
         assert actual == expected, name
-    for name in ("web", "worker", "beat", "flower"):
+    for name in ("web", "worker", "maintenance", "webhooks", "beat", "flower"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 

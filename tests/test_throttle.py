@@ -15,7 +15,7 @@ from tests.conftest import (
     BASE_DATABASE_URL, BASE_REDIS_URL, FAST_TIMINGS, TEST_REDIS_DB, WEBHOOK_SECRET, upload, wait_terminal,
 )
 from tests.support import (
-    Process, beat_command, create_database, drop_database, redis_database, start_generator, worker_command,
+    Process, create_database, drop_database, redis_database, side_processes, start_generator, worker_command,
 )
 
 LIMIT = 2
@@ -38,8 +38,8 @@ def capped(tmp_path_factory):
     app = create_app(env)
     with app.app_context():
         upgrade()
-    processes = [Process("worker", worker_command(concurrency=4), env, work).start(),
-                 Process("beat", beat_command(work / "beat-schedule"), env, work).start()]
+    processes = [process.start() for process in
+                 [Process("worker", worker_command(concurrency=4), env, work), *side_processes(env, work)]]
     yield app, generator_url
     for process in processes + [generator]:
         process.stop()
