@@ -125,6 +125,7 @@ class Settings:
     generator_max_inflight: int
     webhook_secret: str
     flower_basic_auth: str
+    storage_backend: str
     media_root: str
     max_upload_bytes: int
     default_locale: str
@@ -162,6 +163,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         generator_max_inflight=read("GENERATOR_MAX_INFLIGHT", "0", _non_negative_int),
         webhook_secret=read("WEBHOOK_SECRET", "", _webhook_secret),
         flower_basic_auth=read("FLOWER_BASIC_AUTH", "", _credentials),
+        storage_backend=read("STORAGE_BACKEND", "postgres", _choice("postgres", "filesystem")),
         media_root=os.path.abspath(read("MEDIA_ROOT", "var/media", str)),
         max_upload_bytes=read("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024), _positive_int),
         default_locale=read("DEFAULT_LOCALE", "en", _choice("en", "ru")),

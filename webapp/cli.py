@@ -1,4 +1,4 @@
-"""`flask --app webapp users ...`: the only way to create users and their tokens."""
+"""`flask --app webapp users ...`: creating users and their tokens, credits, and limits."""
 from __future__ import annotations
 
 import click
@@ -13,7 +13,7 @@ from renderq.runtime import settings
 from renderq.webhooks import UnsafeUrl, check_url
 from webapp.auth import new_token
 
-users = AppGroup("users", help="Create users and their API tokens.")
+users = AppGroup("users", help="Create users and their API tokens; top up credits; set limits.")
 
 
 @users.command("create")
@@ -80,6 +80,19 @@ def update_user(email: str, webhook_url: str | None, locale: str | None) -> None
         user.locale = locale
     db.session.commit()
     click.echo("user %d updated" % user.id)
+
+
+@users.command("set-limit")
+@click.option("--email", required=True)
+@click.option("--max-inflight", type=click.IntRange(min=0), required=True,
+              help="Generator calls this user may have in flight at once, and their weight in the fair "
+                   "schedule (3 = three turns to a default user's one); 0 restores the default.")
+def set_limit(email: str, max_inflight: int) -> None:
+    """Set a user's share of the generator."""
+    user = _user(email)
+    user.max_inflight = max_inflight or None
+    db.session.commit()
+    click.echo("user %d max_inflight %s" % (user.id, user.max_inflight or "default"))
 
 
 def register(app: Flask) -> None:

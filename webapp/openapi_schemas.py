@@ -74,7 +74,7 @@ SCHEMAS = {
 
 INTERNAL_JOB = obj({**SCHEMAS["Job"]["properties"], "error_code": nullable(STRING),
                     "error_detail": nullable(STRING), "lease_expires_at": nullable(TIME),
-                    "published_at": nullable(TIME)})
+                    "dispatched_at": nullable(TIME), "worker_host": nullable(STRING)})
 
 JOB_REQUEST = obj({
     "kind": {"type": "string", "enum": sorted(KINDS)},

@@ -29,11 +29,6 @@ class RetryLater(Exception):
         self.countdown = countdown
 
 
-class Throttled(RetryLater):
-    """No generator slot was free (GENERATOR_MAX_INFLIGHT); the message comes back later
-    without spending an attempt."""
-
-
 @dataclass(frozen=True)
 class NextStep:
     """Where a transient failure sends a job: a fast-ladder retry in `retry_in` seconds, the
