@@ -96,6 +96,8 @@ class Address:
 
 
 def parse_url(url: str) -> Target:
+    if any(character <= " " or character == "\x7f" for character in url):
+        raise UnsafeUrl("webhook_url may not contain spaces or control characters (percent-encode them)")
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -14,6 +14,7 @@ LOOPBACK_AND_PRIVATE = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_networ
 
 @pytest.mark.parametrize("url", [
     "ftp://example.com/hook", "file:///etc/passwd", "http:///no-host", "javascript:alert(1)", "http://host:99999/",
+    "http://93.184.216.34/a b", "http://93.184.216.34/a\r\nX-Injected: 1",
     "http://169.254.169.254/latest/meta-data", "http://metadata.google.internal/", "http://[fe80::1]/hook",
     "http://0.0.0.0/hook", "http://224.0.0.1/hook", "http://[fd00:ec2::254]/", "http://100.100.100.200/",
     "http://no-such-host.invalid/hook",
