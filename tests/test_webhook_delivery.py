@@ -6,9 +6,11 @@ how many requests of one webhook-id it was serving at once.
 """
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import select
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -24,11 +26,12 @@ from standardwebhooks.webhooks import Webhook
 
 from renderq.db import db
 from renderq.models import Notification
-from renderq.webhook_http import DEADLINE_SECONDS
+from renderq.webhook_http import DEADLINE_SECONDS, Deadline, DeliveryFailed, post
 from tests.conftest import FAST_TIMINGS, WEBHOOK_SECRET, upload, wait_terminal
 from tests.support import Process, free_port, wait_for, worker_command
 
 ATTEMPTS = 1 + len(FAST_TIMINGS["WEBHOOK_RETRY_DELAYS"].split(","))  # what the stack makes of the test ladder
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 
 
 @dataclass
@@ -43,12 +46,18 @@ class Request:
 Respond = Callable[[BaseHTTPRequestHandler, "Receiver"], None]
 
 
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # renderq refusing a certificate mid-handshake is what some tests are about
+
+
 class Receiver:
     """A real HTTP endpoint whose answer is `respond`; it stops answering (and drops every
     connection it still holds) on close()."""
 
-    def __init__(self, respond: Respond, host: str = "127.0.0.1"):
+    def __init__(self, respond: Respond, host: str = "127.0.0.1", certificate=None):
         self.requests: list[Request] = []
+        self.server_names: list[str] = []  # TLS SNI, when `certificate` (a trustme LeafCert) makes it HTTPS
         self.bytes_sent = 0
         self.closing = threading.Event()
         self._lock = threading.Lock()
@@ -72,9 +81,15 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer((host, free_port()), Handler)
+        self.server = QuietServer((host, free_port()), Handler)
+        if certificate is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            certificate.configure_cert(context)
+            context.sni_callback = lambda _socket, name, _context: self.server_names.append(name)
+            # The handshake then happens in the request's thread, not in the accepting one.
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
         self.port = self.server.server_port
-        self.url = "http://%s:%d/hooks/renderq" % (host, self.port)
+        self.url = "%s://%s:%d/hooks/renderq" % ("https" if certificate else "http", host, self.port)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def _begin(self, method: str, headers: dict, body: bytes) -> Request:
@@ -160,8 +175,8 @@ def held_until(released: threading.Event, then: Respond) -> Respond:
 def receiver() -> Iterator[Callable[..., Receiver]]:
     made: list[Receiver] = []
 
-    def make(respond: Respond, host: str = "127.0.0.1") -> Receiver:
-        made.append(Receiver(respond, host))
+    def make(respond: Respond, host: str = "127.0.0.1", certificate=None) -> Receiver:
+        made.append(Receiver(respond, host, certificate))
         return made[-1]
 
     yield make
@@ -335,3 +350,45 @@ def test_removing_the_webhook_url_ends_pending_deliveries(app, client, make_user
     item = notification(client, token, job_id)
     assert item["delivery"]["state"] == "failed"
     assert item["delivery"]["last_error"] == "not delivered: the webhook_url was removed"
+
+
+# HTTPS, by renderq.webhook_http.post called in this process: a throwaway CA that the delivery
+# trusts through SSL_CERT_FILE (which the ssl module's default context reads), real sockets.
+
+@pytest.fixture(scope="module")
+def test_ca(tmp_path_factory):
+    import trustme
+
+    ca = trustme.CA()
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return ca, path
+
+
+@pytest.fixture()
+def trusting(test_ca, monkeypatch):
+    ca, path = test_ca
+    monkeypatch.setenv("SSL_CERT_FILE", str(path))
+    return ca
+
+
+def test_https_goes_to_the_checked_address_as_the_name(trusting, receiver):
+    hook = receiver(answer(204), certificate=trusting.issue_cert("localhost"))
+    assert post("https://localhost:%d/hooks?a=1" % hook.port, b"{}", {}, LOOPBACK, Deadline(5)) == 204
+    assert hook.server_names == ["localhost"]  # SNI carries the name, though the connection went to 127.0.0.1
+    assert hook.requests[0].headers["host"] == "localhost:%d" % hook.port
+
+
+def test_https_with_a_certificate_for_another_name_is_refused(trusting, receiver):
+    hook = receiver(answer(204), certificate=trusting.issue_cert("elsewhere.example"))
+    with pytest.raises(DeliveryFailed, match="TLS certificate not accepted"):
+        post("https://localhost:%d/hooks" % hook.port, b"{}", {}, LOOPBACK, Deadline(5))
+    assert hook.requests == []
+
+
+def test_a_tls_handshake_that_never_ends_is_cut_off_at_the_deadline(trusting):
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody ever answers
+        started = time.monotonic()
+        with pytest.raises(DeliveryFailed, match="no complete answer within 2 s"):
+            post("https://localhost:%d/hooks" % silent.getsockname()[1], b"{}", {}, LOOPBACK, Deadline(2))
+        assert 1.5 < time.monotonic() - started < 3
