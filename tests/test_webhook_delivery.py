@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import re
 import select
 import socket
 import ssl
@@ -258,8 +259,8 @@ def test_a_name_resolving_to_loopback_is_refused_at_connect_unless_allow_listed(
     assert hook.requests == []
     item = notification(client, token, refused_job)
     assert item["delivery"]["state"] == "failed" and item["delivery"]["attempts"] == 1 and item["delivered_at"] is None
-    assert item["delivery"]["last_error"] == ("webhook_url's host localhost resolves to 127.0.0.1, a loopback address, "
-                                              "which renderq does not deliver to")
+    assert re.fullmatch(r"webhook_url's host localhost resolves to (127\.0\.0\.1|::1), a loopback address, "
+                        r"which renderq does not deliver to", item["delivery"]["last_error"])
     # With the allow-list, the same receiver gets the next job's webhook, addressed to the name.
     delivered_job = finished_job(client, token)
     delivery_ends(client, token, delivered_job, "delivered", timeout=30)
@@ -270,12 +271,16 @@ def test_a_name_resolving_to_loopback_is_refused_at_connect_unless_allow_listed(
 
 
 def test_a_trickling_receiver_is_cut_off_at_the_deadline_and_never_served_twice_at_once(
-        client, make_user, stack, receiver):
+        app, client, make_user, stack, receiver):
     hook = receiver(trickle(interval=2))
     _, token = make_user()
     assert set_webhook(client, token, hook.url).status_code == 200
     job_id = finished_job(client, token)
     wait_for(lambda: hook.serving() == 1, timeout=15, what="the first delivery attempt")
+    with app.app_context():  # the delivery's message again, twice, as a broker redelivering it would
+        for _ in range(2):
+            app.extensions["celery"].send_task("renderq.notifications.deliver",
+                                               args=[notification(client, token, job_id)["id"]])
     # Meanwhile another user's job runs on the attempt workers, not behind the webhook.
     _, other_token = make_user()
     started = time.monotonic()
@@ -289,7 +294,7 @@ def test_a_trickling_receiver_is_cut_off_at_the_deadline_and_never_served_twice_
     assert DEADLINE_SECONDS - 1.5 <= first.ended - first.started <= DEADLINE_SECONDS + 1
     assert {request.headers["webhook-id"] for request in hook.requests} == {notification(client, token, job_id)["webhook_id"]}
     delivery = notification(client, token, job_id)["delivery"]
-    assert delivery["state"] == "pending" and delivery["attempts"] >= 2
+    assert delivery["state"] == "pending" and delivery["attempts"] == 2  # the redelivered messages stepped aside
     assert delivery["last_error"] == "no complete answer within %g s" % DEADLINE_SECONDS
 
 

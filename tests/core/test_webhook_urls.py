@@ -54,7 +54,7 @@ def test_metadata_addresses_stay_refused_even_when_allow_listed(address, network
 
 
 def test_the_refusal_says_which_address_and_why():
-    with pytest.raises(UnsafeUrl, match=r"host localhost resolves to 127\.0\.0\.1, a loopback address"):
+    with pytest.raises(UnsafeUrl, match=r"host localhost resolves to (127\.0\.0\.1|::1), a loopback address"):
         check_url("http://localhost:8080/hook")
     with pytest.raises(UnsafeUrl, match=r"address 10\.0\.0\.5, a private address"):
         check_url("http://10.0.0.5/hook")
