@@ -23,6 +23,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ def parse_url(url: str) -> Target:
         credentials = "%s:%s" % (unquote(parts.username), unquote(parts.password or ""))
         authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
     tls = parts.scheme == "https"
-    return Target(tls=tls, host=host, port=port or (443 if tls else 80),
+    return Target(tls=tls, host=host, port=port if port is not None else (443 if tls else 80),
                   request_path=(parts.path or "/") + ("?" + parts.query if parts.query else ""),
                   authorization=authorization)
 
@@ -262,7 +263,7 @@ def _abort(sock: Optional[socket.socket]) -> None:
     if sock is None:
         return
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # on, 0 s: reset
     except OSError:
         pass
     sock.close()
