@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Callable, Mapping, TypeVar
@@ -43,6 +44,17 @@ def _delays(raw: str) -> tuple[float, ...]:
     if not delays or any(delay < 0 for delay in delays):
         raise ValueError("must be a comma-separated list of non-negative seconds")
     return delays
+
+
+def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for part in (part.strip() for part in raw.split(",")):
+        if part:
+            try:
+                networks.append(ipaddress.ip_network(part))  # strict: 127.0.0.1/8 is a typo, not 127.0.0.0/8
+            except ValueError as error:
+                raise ValueError("must be comma-separated CIDRs such as 10.0.0.0/8 or fd00::/8 (%s)" % error) from None
+    return tuple(networks)
 
 
 def _boolean(raw: str) -> bool:
@@ -124,6 +136,8 @@ class Settings:
     generator_url: str
     generator_max_inflight: int
     webhook_secret: str
+    webhook_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    webhook_retry_delays: tuple[float, ...]
     flower_basic_auth: str
     storage_backend: str
     media_root: str
@@ -162,6 +176,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         generator_url=read("GENERATOR_URL", "http://127.0.0.1:5001", _url("http://", "https://")).rstrip("/"),
         generator_max_inflight=read("GENERATOR_MAX_INFLIGHT", "0", _non_negative_int),
         webhook_secret=read("WEBHOOK_SECRET", "", _webhook_secret),
+        webhook_allowed_networks=read("WEBHOOK_ALLOWED_NETWORKS", "", _networks),
+        webhook_retry_delays=read("WEBHOOK_RETRY_DELAYS", "1,2,4,8,16,32,64", _delays),
         flower_basic_auth=read("FLOWER_BASIC_AUTH", "", _credentials),
         storage_backend=read("STORAGE_BACKEND", "postgres", _choice("postgres", "filesystem")),
         media_root=os.path.abspath(read("MEDIA_ROOT", "var/media", str)),

@@ -6,11 +6,11 @@ from flask import Flask
 from flask.cli import AppGroup
 from sqlalchemy import select
 
-from renderq import billing
+from renderq import billing, notify
 from renderq.db import db
 from renderq.models import User
 from renderq.runtime import settings
-from renderq.webhooks import UnsafeUrl, check_url
+from renderq.webhook_http import UnsafeUrl, check_url
 from webapp.auth import new_token
 
 users = AppGroup("users", help="Create users and their API tokens; top up credits; set limits.")
@@ -44,7 +44,7 @@ def _webhook_url(url: str | None) -> str | None:
     if not settings().webhook_secret:
         raise click.UsageError("set WEBHOOK_SECRET (whsec_...) before giving users a webhook URL")
     try:
-        return check_url(url)
+        return check_url(url, settings().webhook_allowed_networks)
     except UnsafeUrl as error:
         raise click.UsageError(str(error)) from None
 
@@ -76,6 +76,8 @@ def update_user(email: str, webhook_url: str | None, locale: str | None) -> None
     user = _user(email)
     if webhook_url is not None:
         user.webhook_url = _webhook_url(webhook_url)
+        if user.webhook_url is None:
+            notify.end_pending_deliveries(user.id)
     if locale is not None:
         user.locale = locale
     db.session.commit()
