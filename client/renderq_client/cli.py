@@ -206,7 +206,7 @@ def follow(client: Client, job_id: str, timeout: Optional[float], output: Option
             output.write_bytes(png)
             print("Completed: saved %s (%d bytes)." % (output, len(png)))
         else:
-            print("Completed: renderq result %s --output result.png" % job.id)
+            print("Completed. Save the PNG with: renderq result %s --output result.png" % job.id)
         return EXIT_OK
     if job.blocked:
         print("Blocked: %s" % (job.message or job.block_reason))
