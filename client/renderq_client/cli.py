@@ -28,10 +28,11 @@ class UsageError(Exception):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    # A block message carries an emoji; a terminal or pipe that cannot show it gets an escape, not a crash.
+    # A block message carries an emoji; a terminal or pipe that cannot show it gets an escape, not a
+    # crash. Line buffering keeps stdout's lines in order with the status lines on stderr in `2>&1 | tee`.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+            stream.reconfigure(errors="backslashreplace", line_buffering=True)
     arguments = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = arguments.run
     try:
