@@ -62,7 +62,9 @@ def test_submit_a_photo_wait_and_download_a_png_of_its_size(alice, tmp_path):
     updates: list[Job] = []
 
     job = alice.submit_photo(photo, style="sepia", prompt="warm light")
-    assert job.status == "pending" and job.kind == "photo.render" and job.price == 1 and job.photo_id
+    # The 202 reads the job back after publishing it, so a quick worker may already have claimed it.
+    assert job.status in ("pending", "processing", "completed")
+    assert job.kind == "photo.render" and job.price == 1 and job.photo_id
 
     finished = alice.wait(job.id, timeout=60, on_update=updates.append)
     assert finished.succeeded and finished.completed_at is not None
