@@ -25,14 +25,13 @@ from renderq.messages import BLOCK_MESSAGES
 from tests.conftest import png_bytes
 from tests.support import BIN, free_port
 
-renderq_client = pytest.importorskip("renderq_client", reason="the client is installed by requirements-dev.txt "
-                                                               "(-e ./client); run bin/test")
-from renderq_client import (  # noqa: E402
+# Installed by requirements-dev.txt (-e ./client), which bin/test installs.
+from renderq_client import (
     Client, Conflict, Forbidden, InsufficientCredits, Job, NetworkError, NotFound, RenderqError, TooLarge,
     Unauthorized, WaitTimeout,
 )
-from renderq_client.cli import describe  # noqa: E402
-from renderq_client.sse import SseParser  # noqa: E402
+from renderq_client.cli import describe
+from renderq_client.sse import SseParser
 
 RENDERQ = BIN / "renderq"
 SAFETY_MESSAGE = BLOCK_MESSAGES["CONTENT_SAFETY_VIOLATION"]["en"]
