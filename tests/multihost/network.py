@@ -138,7 +138,7 @@ class Network:
         with the namespaces that hold them. Safe to call twice and after a half-finished build."""
         self.leave()
         for namespace in reversed(self._created):
-            kill_everything_in(namespace, grace_seconds=0)
+            kill_everything_in([namespace], grace_seconds=0)
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=30)
         self._created.clear()
         left = [name for name in namespace_names() if name.startswith(self.prefix + "-")]
@@ -179,23 +179,23 @@ def signal_all(pids: Iterable[int], signum: int) -> None:
             pass
 
 
-def kill_everything_in(namespace: str, grace_seconds: float) -> None:
-    """SIGTERM every process of the namespace, give them `grace_seconds`, then SIGKILL the rest,
-    and wait until none is left."""
+def kill_everything_in(namespaces: Iterable[str], grace_seconds: float) -> None:
+    """SIGTERM every process of the namespaces at once, give them `grace_seconds` to end, then
+    SIGKILL the rest, and return when none is left."""
+    namespaces = list(namespaces)
     if grace_seconds:
-        signal_all(pids_in(namespace), signal.SIGTERM)
+        for namespace in namespaces:
+            signal_all(pids_in(namespace), signal.SIGTERM)
         deadline = time.monotonic() + grace_seconds
-        while pids_in(namespace) and time.monotonic() < deadline:
+        while any(pids_in(namespace) for namespace in namespaces) and time.monotonic() < deadline:
             time.sleep(0.1)
     deadline = time.monotonic() + 15
-    while True:
-        pids = pids_in(namespace)
-        if not pids:
-            return
-        if time.monotonic() > deadline:
-            raise NetworkError("processes %s in %s survived SIGKILL" % (pids, namespace))
-        signal_all(pids, signal.SIGKILL)
-        time.sleep(0.05)
+    for namespace in namespaces:
+        while pids := pids_in(namespace):
+            if time.monotonic() > deadline:
+                raise NetworkError("processes %s in %s survived SIGKILL" % (pids, namespace))
+            signal_all(pids, signal.SIGKILL)
+            time.sleep(0.05)
 
 
 def remove_abandoned_namespaces() -> None:
@@ -203,7 +203,7 @@ def remove_abandoned_namespaces() -> None:
     for name in namespace_names():
         owner = _OWNED.match(name)
         if owner and not _alive(int(owner.group(1))):
-            kill_everything_in(name, grace_seconds=0)
+            kill_everything_in([name], grace_seconds=0)
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
