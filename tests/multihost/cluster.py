@@ -32,7 +32,7 @@ from typing import Iterable, Optional
 import psycopg
 import requests
 
-from tests.multihost.network import Network, kill_everything_in
+from tests.multihost.network import Network, abandoned, kill_everything_in
 from tests.support import BIN, ROOT, wait_for
 
 ADDRESSES = {
@@ -166,7 +166,8 @@ class Cluster:
     # -- bringing the system up ----------------------------------------------------------------
 
     def start(self) -> "Cluster":
-        self.network.build()
+        self.network.build()  # first removes what a run killed before its teardown left
+        remove_abandoned_directories(Path(tempfile.gettempdir()))
         self.network.enter("client")
         self._start_database_host()
         self.flask("db", "upgrade")  # compose's one-shot `migrate` service, run from a web host
@@ -297,7 +298,8 @@ class Cluster:
         entry = ensure_user_exists(user)
         # Not under pytest's basetemp: a pytest starting elsewhere on the machine resets
         # /tmp/pytest-of-root to 0700, and the server's user would lose its way to its files.
-        self.postgres_home = Path(tempfile.mkdtemp(prefix="renderq-multihost-db-"))
+        # Named like the namespaces, so that the next run removes it if this one is killed.
+        self.postgres_home = Path(tempfile.mkdtemp(prefix=self.network.prefix + "-db-"))
         data = self.postgres_home / "pgdata"
         data.mkdir()
         ensure_prefix_permissions(data)
@@ -472,3 +474,10 @@ class Cluster:
             self.network.destroy()
             if self.postgres_home is not None:
                 shutil.rmtree(self.postgres_home)
+
+
+def remove_abandoned_directories(parent: Path) -> None:
+    """Database directories of runs killed before their teardown."""
+    for path in parent.iterdir():
+        if path.is_dir() and abandoned(path.name):
+            shutil.rmtree(path, ignore_errors=True)

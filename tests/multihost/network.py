@@ -198,18 +198,21 @@ def kill_everything_in(namespaces: Iterable[str], grace_seconds: float) -> None:
             time.sleep(0.05)
 
 
+def abandoned(name: str) -> bool:
+    """Whether `name` (a namespace, a directory) was made by a run whose pytest is gone."""
+    owner = _OWNED.match(name)
+    if owner is None:
+        return False
+    try:
+        os.kill(int(owner.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def remove_abandoned_namespaces() -> None:
-    """Namespaces of a run whose pytest is gone (killed before its finalizers ran)."""
+    """Namespaces of a run killed before its finalizers ran, and whatever still runs in them."""
     for name in namespace_names():
-        owner = _OWNED.match(name)
-        if owner and not _alive(int(owner.group(1))):
+        if abandoned(name):
             kill_everything_in([name], grace_seconds=0)
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
