@@ -252,17 +252,21 @@ def test_per_user_limits_of_one_and_three_share_the_generator_one_to_three(clust
     cluster.flask("users", "set-limit", "--email", light.email, "--max-inflight", "1")
     cluster.flask("users", "set-limit", "--email", heavy.email, "--max-inflight", "3")
 
+    # Equal backlogs, submitted alternately: in arrival order they would share the generator 1:1,
+    # so a 1:3 share is the limits' doing.
     orders = []
-    for index in range(30):  # both stay busy: a backlog of 30 and 90 renders of 200 ms
-        orders += [(WEB_HOSTS[index % 2], light, "[slow:%d]" % RENDER_MS)] + \
-                  [(WEB_HOSTS[(index + 1) % 2], heavy, "[slow:%d]" % RENDER_MS)] * 3
+    for index in range(80):
+        orders += [(WEB_HOSTS[index % 2], light, "[slow:%d]" % RENDER_MS),
+                   (WEB_HOSTS[(index + 1) % 2], heavy, "[slow:%d]" % RENDER_MS)]
     job_ids = submit_many(cluster, orders)
-    cluster.wait_terminal(job_ids, timeout=90)
+    jobs_of = {user.id: [job_id for (_, owner, _), job_id in zip(orders, job_ids) if owner is user]
+               for user in (light, heavy)}
+    # Both are busy until one of them has no job left; the shares are measured over that time.
+    wait_for(lambda: any(all(status in TERMINAL for status in cluster.statuses(jobs).values())
+                         for jobs in jobs_of.values()), timeout=90, interval=0.2, what="one user's backlog to drain")
 
-    starts = {light.id: [], heavy.id: []}
-    for (_, user, _), job_id in zip(orders, job_ids):
-        starts[user.id] += cluster.generator_calls(job_id)["started_at"]
-    # Shares while both were busy: from the later first call to the earlier last call.
+    starts = {user_id: [started for job_id in jobs for started in cluster.generator_calls(job_id)["started_at"]]
+              for user_id, jobs in jobs_of.items()}
     window = (max(min(times) for times in starts.values()), min(max(times) for times in starts.values()))
     calls = {user_id: sum(window[0] <= started <= window[1] for started in times) for user_id, times in starts.items()}
     ratio = calls[heavy.id] / max(1, calls[light.id])
