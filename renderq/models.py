@@ -213,6 +213,9 @@ class WorkerHost(db.Model):
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
     slots: Mapped[int]
     pool: Mapped[str] = mapped_column(String(32))
+    # The GENERATOR_MAX_INFLIGHT this worker runs with (0: none). The cap that holds is the
+    # smallest any live worker announces, so a web host's own setting cannot widen it.
+    generator_cap: Mapped[int] = mapped_column(default=0, server_default="0")
     started_at: Mapped[datetime] = _now_column()
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

@@ -34,6 +34,7 @@ class ProcessKeeper:
     def __init__(self, app: Flask, name: str, slots: int, pool: str):
         self.app, self.name, self.slots, self.pool = app, name, slots, pool
         self.lease_seconds = app.extensions["renderq.settings"].job_lease_seconds
+        self.generator_cap = app.extensions["renderq.settings"].generator_max_inflight
         self.leases: set[uuid.UUID] = set()
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -65,7 +66,7 @@ class ProcessKeeper:
         try:  # a connection of its own: a failed round leaves nothing behind for the next
             with self.app.app_context(), db.engine.begin() as connection:
                 connection.execute(insert(WorkerHost).values(name=self.name, slots=self.slots, pool=self.pool,
-                                                             expires_at=until)
+                                                             generator_cap=self.generator_cap, expires_at=until)
                                    .on_conflict_do_update(index_elements=[WorkerHost.name],
                                                           set_={"slots": self.slots, "expires_at": until}))
                 if tokens:

@@ -34,6 +34,7 @@ def upgrade():
     sa.Column('name', sa.String(length=255), nullable=False),
     sa.Column('slots', sa.Integer(), nullable=False),
     sa.Column('pool', sa.String(length=32), nullable=False),
+    sa.Column('generator_cap', sa.Integer(), server_default='0', nullable=False),
     sa.Column('started_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('name')

@@ -58,26 +58,35 @@ def next_tag(user: User) -> int:
     return user.fair_tag
 
 
-def user_cap(max_inflight: Optional[int], config: Settings) -> Optional[int]:
+def user_cap(max_inflight: Optional[int], generator_cap: int) -> Optional[int]:
     """The most slots one user may hold, or None for no limit of their own."""
     caps = [max_inflight] if max_inflight else []
-    if config.generator_max_inflight:
-        caps.append(max(1, config.generator_max_inflight - 1))
+    if generator_cap:
+        caps.append(max(1, generator_cap - 1))
     return min(caps) if caps else None
 
 
-def capacity(config: Settings) -> int:
-    """Slots that exist now: the live workers' slots, within GENERATOR_MAX_INFLIGHT."""
-    slots = db.session.execute(select(func.coalesce(func.sum(WorkerHost.slots), 0))
-                               .where(WorkerHost.expires_at > func.now())).scalar_one()
-    if not config.generator_max_inflight:
+def _slots_and_cap(config: Settings) -> tuple[int, int]:
+    """The live workers' slots, and the GENERATOR_MAX_INFLIGHT that holds: the smallest that
+    any live worker or this process runs with (0: none)."""
+    slots, worker_cap = db.session.execute(
+        select(func.coalesce(func.sum(WorkerHost.slots), 0),
+               func.min(WorkerHost.generator_cap).filter(WorkerHost.generator_cap > 0))
+        .where(WorkerHost.expires_at > func.now())).one()
+    caps = [cap for cap in (worker_cap, config.generator_max_inflight) if cap]
+    return slots, min(caps) if caps else 0
+
+
+def capacity(slots: int, generator_cap: int) -> int:
+    """Slots that may be filled now: the live workers' slots, within the generator's cap."""
+    if not generator_cap:
         return slots
     # A worker that died mid-call may leave the call running at the generator until the
     # kind's hard time limit; its slot is not given away before then.
     lost = db.session.execute(select(func.count()).select_from(JobAttempt).where(
         JobAttempt.outcome == AttemptOutcome.LOST,
         JobAttempt.started_at > func.now() - timedelta(seconds=longest_hard_time_limit()))).scalar_one()
-    return min(slots, max(0, config.generator_max_inflight - lost))
+    return min(slots, max(0, generator_cap - lost))
 
 
 def _lock() -> None:
@@ -96,7 +105,7 @@ def _candidates(condition: Any, limit: int, skip_users: set[int]) -> list[Any]:
     return list(db.session.execute(query))
 
 
-def _pick(free: int, in_flight: dict[int, int], config: Settings) -> list[Any]:
+def _pick(free: int, in_flight: dict[int, int], generator_cap: int) -> list[Any]:
     """Up to `free` waiting jobs (pending, or retries that are due), lowest tag first, within
     each user's cap."""
     picked: list[Any] = []
@@ -108,7 +117,7 @@ def _pick(free: int, in_flight: dict[int, int], config: Settings) -> list[Any]:
                       key=lambda row: (row.fair_tag, row.id))
         fresh = [row for row in rows if row.id not in taken]
         for row in fresh:
-            cap = user_cap(row.max_inflight, config)
+            cap = user_cap(row.max_inflight, generator_cap)
             if cap is not None and in_flight.get(row.user_id, 0) >= cap:
                 capped.add(row.user_id)
                 continue
@@ -121,9 +130,11 @@ def _pick(free: int, in_flight: dict[int, int], config: Settings) -> list[Any]:
     return picked
 
 
-def _free_slots(config: Settings) -> int:
+def _free_slots(config: Settings) -> tuple[int, int]:
+    """(free slots, the generator cap that holds)."""
+    slots, generator_cap = _slots_and_cap(config)
     in_use = db.session.execute(select(func.count()).select_from(Job).where(IN_FLIGHT)).scalar_one()
-    return capacity(config) - in_use
+    return capacity(slots, generator_cap) - in_use, generator_cap
 
 
 def dispatch() -> int:
@@ -133,8 +144,8 @@ def dispatch() -> int:
     worker starts, and by the reconciler."""
     config = settings()
     _lock()
-    free = _free_slots(config)
-    rows = _pick(free, _in_flight_by_user(), config) if free > 0 else []
+    free, generator_cap = _free_slots(config)
+    rows = _pick(free, _in_flight_by_user(), generator_cap) if free > 0 else []
     if not rows:
         db.session.rollback()
         return 0
@@ -156,7 +167,7 @@ def dispatch_background() -> int:
     _lock()
     running = db.session.execute(select(func.count()).select_from(Job).where(
         Job.status == Status.PROCESSING, Job.retry_count > 0)).scalar_one()
-    room = min(config.max_concurrent_background_tasks - running, _free_slots(config))
+    room = min(config.max_concurrent_background_tasks - running, _free_slots(config)[0])
     if room <= 0:
         db.session.rollback()
         return 0
