@@ -167,6 +167,8 @@ class Settings:
     log_format: str
     job_lease_seconds: float
     max_waiting_requests: int
+    max_event_streams: int
+    event_heartbeat_seconds: float
     kind_limits: dict
 
     @property
@@ -209,6 +211,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_format=read("LOG_FORMAT", "text", _choice("text", "json")),
         job_lease_seconds=read("JOB_LEASE_SECONDS", "30", _positive_float),
         max_waiting_requests=read("MAX_WAITING_REQUESTS", "2", _non_negative_int),
+        max_event_streams=read("MAX_EVENT_STREAMS", "8", _non_negative_int),
+        event_heartbeat_seconds=read("EVENT_HEARTBEAT_SECONDS", "15", _positive_float),
         kind_limits=read("KIND_LIMITS", "", _kind_limits),
     )
     if settings.max_retries > len(settings.retry_delays):

@@ -1,23 +1,17 @@
-"""What renderq sends through the broker (attempt messages, the ladder's timers, webhook
-deliveries), and announcing finished jobs to whoever waits on them.
+"""What renderq sends through the broker: attempt messages, the ladder's timers, webhook
+deliveries.
 
 Which job gets an attempt message, and when, is renderq.jobs.scheduler's decision.
 """
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from typing import Optional
 
-from sqlalchemy import select
-
 from config.kinds import get_kind
-from renderq.db import db
-from renderq.enums import TERMINAL_STATUSES
 from renderq.jobs.lifecycle import Finished
-from renderq.models import Job
-from renderq.runtime import celery_app, redis_client
+from renderq.runtime import celery_app
 
 log = logging.getLogger(__name__)
 
@@ -51,38 +45,12 @@ def publish_delivery(notification_id: int, countdown: Optional[float] = None) ->
     _send(DELIVER_TASK, args=[notification_id], countdown=countdown)
 
 
-def finished_channel(job_id: uuid.UUID) -> str:
-    return "renderq:job-finished:%s" % job_id
-
-
 def announce(finished: Finished) -> None:
-    """After a job's terminal commit: send its webhook, and wake whoever waits on it
-    (`Prefer: wait`). Both are best effort; the reconciler re-sends undelivered webhooks."""
+    """After a job's terminal commit: send its webhook. Best effort: the reconciler re-sends
+    undelivered webhooks."""
+    if finished.notification_id is None:
+        return
     try:
-        if finished.notification_id is not None:
-            publish_delivery(finished.notification_id)
-        redis_client().publish(finished_channel(finished.job_id), finished.status)
+        publish_delivery(finished.notification_id)
     except Exception:
-        log.warning("📋 [QUEUE] job %s finished but could not be announced now", finished.job_id, exc_info=True)
-
-
-def _status(job_id: uuid.UUID) -> str:
-    status = db.session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
-    db.session.close()  # give the connection back before waiting
-    return status
-
-
-def wait_until_terminal(job_id: uuid.UUID, seconds: float) -> None:
-    """Return when the job is terminal or after `seconds`, whichever is first: it listens on
-    the channel `announce` publishes to, holding no database connection and not polling."""
-    pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
-    try:
-        pubsub.subscribe(finished_channel(job_id))  # before reading, so no finish slips between
-        if _status(job_id) in TERMINAL_STATUSES:
-            return
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
-            if pubsub.get_message(timeout=min(remaining, 1.0)) is not None:
-                return
-    finally:
-        pubsub.close()
+        log.warning("📋 [QUEUE] job %s finished but its webhook could not be sent now", finished.job_id, exc_info=True)

@@ -18,7 +18,13 @@ from config import Settings
 from renderq import notify
 from renderq.logs import job_logging
 from renderq.runtime import settings
-from renderq.webhook_http import DEADLINE_SECONDS, Deadline, DeliveryFailed, UnsafeUrl, post
+from renderq.webhook_http import (
+    DEADLINE_SECONDS,
+    Deadline,
+    DeliveryFailed,
+    UnsafeUrl,
+    post,
+)
 
 log = logging.getLogger(__name__)
 

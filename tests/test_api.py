@@ -408,7 +408,9 @@ def test_queue_stats_answers_fast_with_no_worker(stack_env, make_user, stack):
     _, token = make_user()
     started = time.monotonic()
     stats = lonely.test_client().get("/api/queue/stats", headers=auth(token)).get_json()
-    assert time.monotonic() - started < 1.0
+    # no worker answers the ping: the view waits the ping's half second, not for ever (the bound
+    # leaves room for a loaded two-core machine)
+    assert time.monotonic() - started < 3
     assert stats["workers_online"] == 0
 
 

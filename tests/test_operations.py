@@ -8,11 +8,11 @@ import uuid
 import yaml
 from sqlalchemy import func, select, text
 
-from tests.conftest import job_json, upload, wait_terminal
-from tests.support import ROOT, Process, wait_for, worker_command
 from renderq.db import db
 from renderq.models import Job, LedgerEntry, Notification, Photo
 from renderq.storage import storage
+from tests.conftest import job_json, upload, wait_terminal
+from tests.support import ROOT, Process, wait_for, worker_command
 
 
 def auth(token: str) -> dict:

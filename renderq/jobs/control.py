@@ -1,7 +1,7 @@
 """What people do to an existing job: its owner cancels it, an admin puts a failed one back."""
 from __future__ import annotations
 
-from renderq import billing, broker
+from renderq import billing, broker, events
 from renderq.db import db
 from renderq.enums import TERMINAL_STATUSES
 from renderq.errors import Conflict
@@ -26,8 +26,10 @@ def retry_failed(job: Job) -> None:
     """An admin's retry: a failed job back to pending with fresh counters, at the back of its
     user's queue (Conflict unless it failed). Not charged again: see lifecycle.requeue_failed."""
     user = billing.lock_user(job.user_id)
-    if not lifecycle.requeue_failed(job.id, scheduler.next_tag(user)):
+    requeued = lifecycle.requeue_failed(job.id, scheduler.next_tag(user))
+    if requeued is None:
         db.session.rollback()
         raise Conflict("JOB_NOT_FAILED", "Only failed jobs can be retried; this one is %s." % job.status)
     db.session.commit()
+    events.record([requeued])
     submit.dispatch_soon()

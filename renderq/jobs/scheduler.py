@@ -30,7 +30,7 @@ from sqlalchemy import Select, and_, func, or_, select, text, tuple_, update
 
 from config import Settings
 from config.kinds import longest_hard_time_limit
-from renderq import broker
+from renderq import broker, events
 from renderq.db import db
 from renderq.enums import AttemptOutcome, Status
 from renderq.jobs import lifecycle
@@ -171,12 +171,13 @@ def dispatch_background() -> int:
     if room <= 0:
         db.session.rollback()
         return 0
-    sent = lifecycle.claim_background_batch(room, config)
+    claimed = lifecycle.claim_background_batch(room, config)
     db.session.commit()
-    for job_id, _, _ in sent:
-        log.info("🔁 [BACKGROUND] job %s claimed for a background try", job_id, extra={"job_id": str(job_id)})
-    _publish(sent)
-    return len(sent)
+    events.record(claimed)
+    for row in claimed:
+        log.info("🔁 [BACKGROUND] job %s claimed for a background try", row.id, extra={"job_id": str(row.id)})
+    _publish([(row.id, row.dispatch_token, row.kind) for row in claimed])
+    return len(claimed)
 
 
 def retry_due(job_id: uuid.UUID) -> None:
