@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 
 import yaml
@@ -70,12 +71,52 @@ def test_metrics_count_what_happened(client, make_user, stack):
         wait_terminal(client, token, upload(client, token, prompt=prompt).get_json()["id"])
     body = client.get("/metrics").get_data(as_text=True)
     assert metric(body, "renderq_jobs", status="completed", kind="photo.render") == done_before + 2
-    assert metric(body, "renderq_attempts", kind="photo.render", outcome="transient", retry="false") >= 1
-    assert metric(body, "renderq_attempts", kind="photo.render", outcome="succeeded", retry="true") >= 1
+    assert "# TYPE renderq_attempts_total counter" in body
+    assert metric(body, "renderq_attempts_total", kind="photo.render", outcome="transient", retry="false") >= 1
+    assert metric(body, "renderq_attempts_total", kind="photo.render", outcome="succeeded", retry="true") >= 1
     assert metric(body, "renderq_attempt_duration_seconds_count", kind="photo.render") >= 3
+    assert metric(body, "renderq_jobs_waiting", status="pending") >= 0
+    assert metric(body, "renderq_oldest_waiting_job_age_seconds") >= 0
+    assert metric(body, "renderq_attempt_slots") == 2 and metric(body, "renderq_attempt_slots_busy") >= 0
+    assert metric(body, "renderq_generator_calls_in_flight") >= 0 and metric(body, "renderq_generator_cap") == 0
     assert metric(body, "renderq_broker_queue_depth") >= 0
     assert metric(body, "renderq_background_processor_runs_total") >= 1
-    assert metric(body, "renderq_generator_calls_in_flight") >= 0
+    assert time.time() - metric(body, "renderq_maintenance_last_run_timestamp_seconds", task="reconcile") < 10
+
+
+def test_counts_equal_a_full_count_after_a_mixed_run_and_a_cleanup(app, client, make_user, stack):
+    _, token = make_user(balance=100)
+    prompts = ["", "[fail:1]", "[invalid]", "[block:COPYRIGHT_VIOLATION]", "[fail:99]"] * 4
+    jobs = [upload(client, token, prompt=prompt).get_json()["id"] for prompt in prompts]
+    for job_id in jobs[:8]:
+        client.post("/api/jobs/%s/cancel" % job_id, headers=auth(token))
+    for job_id in jobs[8:16]:
+        wait_terminal(client, token, job_id)
+    with app.app_context():  # half of those finished are past COMPLETED_JOB_TTL; cleanup takes them
+        db.session.execute(text("UPDATE jobs SET completed_at = now() - interval '2 days' WHERE id = ANY(:ids) "
+                                "AND completed_at IS NOT NULL"), {"ids": [uuid.UUID(j) for j in jobs[8:12]]})
+        db.session.commit()
+    app.extensions["celery"].send_task("renderq.maintenance.cleanup")
+    wait_for(lambda: client.get("/api/jobs/%s" % jobs[8], headers=auth(token)).status_code == 404,
+             what="cleanup to purge the old jobs")
+    # jobs are still moving (retries of [fail:99]) while the counts are compared: each read is one
+    # snapshot of the counters, compared with a GROUP BY in the same snapshot
+    for _ in range(5):
+        with app.app_context():
+            db.session.execute(text("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+            from renderq.stats import counts
+
+            by_status, by_kind = counts()
+            full = dict(db.session.execute(text("SELECT status, count(*) FROM jobs GROUP BY status")).all())
+            kinds = {(kind, status): count for kind, status, count in db.session.execute(
+                text("SELECT kind, status, count(*) FROM jobs GROUP BY 1, 2")).all()}
+            db.session.rollback()
+        assert {status: count for status, count in by_status.items() if count} == full
+        assert {(kind, status): count for kind, statuses in by_kind.items() for status, count in statuses.items()
+                if count} == kinds
+        time.sleep(0.3)
+    for job_id in jobs:
+        client.post("/api/jobs/%s/cancel" % job_id, headers=auth(token))
 
 
 def test_readyz_names_what_is_down(client, stack_env):

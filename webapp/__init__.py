@@ -10,7 +10,17 @@ from flask_migrate import Migrate
 
 from renderq.app import create_base_app
 from renderq.db import db
-from webapp import api, api_me, api_monitoring, cli, errors, events, metrics, openapi, page
+from webapp import (
+    api,
+    api_me,
+    api_monitoring,
+    cli,
+    errors,
+    events,
+    metrics,
+    openapi,
+    page,
+)
 
 MIGRATIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 from sqlalchemy import delete, func, select
 
-from renderq import broker, notify, storage
+from renderq import broker, counters, notify, storage
 from renderq.db import db
 from renderq.enums import TERMINAL_STATUSES, AttemptOutcome
 from renderq.jobs import idempotency, lease, lifecycle, scheduler
@@ -19,12 +20,23 @@ from renderq.runtime import redis_client, settings
 log = logging.getLogger(__name__)
 
 PURGE_BATCH = 500
+LAST_RUN_KEY = "renderq:maintenance:last-run:%s"
+MAINTENANCE_TASKS = ("background", "reconcile", "cleanup")
+
+
+def _ran(task: str) -> None:
+    """For the alert that a maintenance task stopped running (renderq_maintenance_last_run...)."""
+    try:
+        redis_client().set(LAST_RUN_KEY % task, time.time())
+    except Exception:
+        log.warning("could not note that %s ran", task, exc_info=True)
 
 
 def process_background() -> int:
     """The background tier: fail what is too old or out of tries, then send up to the free
     background slots their next try; returns how many were sent."""
     config = settings()
+    _ran("background")
     redis_client().incr(broker.BACKGROUND_RUNS_KEY)
     for finished in lifecycle.expire_background(config):
         with job_logging(finished.job_id):
@@ -36,6 +48,7 @@ def process_background() -> int:
 def reconcile() -> None:
     """Recover attempts whose worker died, send again what the broker lost, and fill free slots."""
     config = settings()
+    _ran("reconcile")
     for claim in lease.expired_claims():
         with job_logging(claim.job_id):
             lost = AttemptRecord(AttemptOutcome.LOST, "WORKER_LOST", 0)
@@ -47,6 +60,7 @@ def reconcile() -> None:
     # system an attempt message only goes out for a free slot and starts within moments.
     scheduler.recover_lost_dispatches(timedelta(seconds=config.queue_check_interval + 2))
     scheduler.dispatch()
+    counters.fold()
     # A delivery in flight has pushed next_delivery_at past itself, so a short grace is enough.
     for notification_id in notify.overdue_deliveries(timedelta(seconds=2 * config.queue_check_interval)):
         broker.publish_delivery(notification_id)
@@ -80,6 +94,7 @@ def purge_expired(ttl_seconds: int) -> int:
 
 
 def cleanup() -> int:
+    _ran("cleanup")
     purged = purge_expired(settings().completed_job_ttl)
     if purged:
         log.info("📋 [QUEUE] purged %d finished job(s) older than COMPLETED_JOB_TTL", purged)

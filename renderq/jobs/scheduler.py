@@ -77,6 +77,11 @@ def _slots_and_cap(config: Settings) -> tuple[int, int]:
     return slots, min(caps) if caps else 0
 
 
+def generator_cap() -> int:
+    """The GENERATOR_MAX_INFLIGHT in force (0: none)."""
+    return _slots_and_cap(settings())[1]
+
+
 def capacity(slots: int, generator_cap: int) -> int:
     """Slots that may be filled now: the live workers' slots, within the generator's cap."""
     if not generator_cap:
