@@ -404,6 +404,8 @@ def test_queue_stats_answers_fast_with_no_broker(stack_env, make_user, stack):
 
     lonely = create_app({**stack_env, "REDIS_URL": "redis://127.0.0.1:1/0"})
     _, token = make_user()
+    wait_for(lambda: lonely.test_client().get("/api/queue/stats", headers=auth(token)).get_json()["workers_online"],
+             what="the stack's worker to announce itself")
     started = time.monotonic()
     stats = lonely.test_client().get("/api/queue/stats", headers=auth(token)).get_json()
     # no broker to ask: the view says so (null) instead of hanging (a loose bound for a loaded machine)
