@@ -1,5 +1,6 @@
 """The worker, beat and Flower entry point: `celery -A tasks worker|beat|flower`."""
 import logging
+import signal
 
 from celery.signals import (
     setup_logging,
@@ -43,8 +44,17 @@ def _fresh_process(**_: object) -> None:
     # A pooled connection inherited from the parent would be shared by two processes.
     with flask_app.app_context():
         db.engine.dispose(close=False)
+    _outlive_the_groups_sigterm()
     if _this_worker.get("attempts"):  # a prefork child runs one slot
         _start_announcing(1)
+
+
+def _outlive_the_groups_sigterm() -> None:
+    """A prefork child gets the SIGTERM sent to its whole process group (Ctrl-C under honcho,
+    systemd's default KillMode) at the moment the main process does. Dying then would abandon
+    the running attempt; instead the child ignores it and the main process's warm shutdown
+    drains it: the attempt finishes, then the pool closes (a cold shutdown still SIGKILLs)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _start_announcing(slots: int) -> None:
