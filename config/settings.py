@@ -104,6 +104,12 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
+def _optional_url(raw: str) -> str:
+    if raw and not raw.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return raw
+
+
 class _Reader:
     def __init__(self, environ: Mapping[str, str]):
         self.environ = environ
@@ -146,6 +152,10 @@ class Settings:
     notify_on_failure: bool
     log_format: str
     job_lease_seconds: float
+    # OpenTelemetry traces (renderq.tracing): "otlp", "console", or "" for off.
+    traces_exporter: str
+    traces_endpoint: str  # where OTLP/HTTP spans are POSTed, /v1/traces included
+    service_name: str  # OTEL_SERVICE_NAME; each process has its own default
 
     @property
     def production(self) -> bool:
@@ -154,6 +164,22 @@ class Settings:
     def retry_delay(self, retry_number: int) -> float:
         """Seconds to wait before fast-ladder retry number `retry_number` (1-based)."""
         return self.retry_delays[retry_number - 1]
+
+
+def _tracing(read: _Reader) -> dict:
+    """Traces are off unless an OTLP endpoint is set or OTEL_TRACES_EXPORTER=console. Only the
+    OTLP/HTTP exporter is installed, so a gRPC protocol is refused rather than silently unused."""
+    read("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf", _choice("http/protobuf"))
+    read("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf", _choice("http/protobuf"))
+    exporter = read("OTEL_TRACES_EXPORTER", "otlp", _choice("otlp", "console", "none"))
+    endpoint = read("OTEL_EXPORTER_OTLP_ENDPOINT", "", _optional_url)
+    # The signal's own endpoint is used as it is; the general one gets the signal's path.
+    traces_endpoint = read("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "", _optional_url) or (
+        endpoint.rstrip("/") + "/v1/traces" if endpoint else "")
+    if read("OTEL_SDK_DISABLED", "false", _boolean) or exporter == "none" or (exporter == "otlp" and not traces_endpoint):
+        exporter = ""
+    return {"traces_exporter": exporter, "traces_endpoint": traces_endpoint,
+            "service_name": read("OTEL_SERVICE_NAME", "", str)}
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -186,6 +212,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         notify_on_failure=read("NOTIFY_ON_FAILURE", "false", _boolean),
         log_format=read("LOG_FORMAT", "text", _choice("text", "json")),
         job_lease_seconds=read("JOB_LEASE_SECONDS", "30", _positive_float),
+        **_tracing(read),
     )
     if settings.max_retries > len(settings.retry_delays):
         raise ConfigError(

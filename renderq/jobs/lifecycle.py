@@ -165,17 +165,17 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
     return claim_from(row, token) if row else None
 
 
-def claim_background_batch(limit: int, settings: Settings) -> list[tuple[uuid.UUID, uuid.UUID, str]]:
+def claim_background_batch(limit: int, settings: Settings) -> list[tuple[uuid.UUID, uuid.UUID, str, Optional[str]]]:
     """The background processor's pick, in the caller's transaction: up to `limit` jobs waiting
     for a background try, retry_count + 1 in one statement, each with the token its message will
-    carry. Returns (job id, token, kind) triples."""
+    carry. Returns (job id, token, kind, trace parent) tuples."""
     candidates = (select(Job.id).where(_leaves("claim_background"), ~policy.background_exhausted(settings))
                   .order_by(Job.updated_at).limit(limit).with_for_update(skip_locked=True).scalar_subquery())
     return [tuple(row) for row in db.session.execute(
         update(Job).where(Job.id.in_(candidates), _leaves("claim_background"))
         .values(status=TRANSITIONS["claim_background"].target, retry_count=Job.retry_count + 1,
                 dispatch_token=func.gen_random_uuid(), dispatched_at=func.now(), updated_at=func.now())
-        .returning(Job.id, Job.dispatch_token, Job.kind))]
+        .returning(Job.id, Job.dispatch_token, Job.kind, Job.trace_parent))]
 
 
 def succeed(claim: Claim, result_key: str, attempt: AttemptRecord, settings: Settings,

@@ -27,7 +27,7 @@ def _attempt(outcome: AttemptOutcome) -> AttemptRecord:
 def _claim_background(job) -> bool:
     claimed = lifecycle.claim_background_batch(10, settings())
     db.session.commit()
-    return job.id in [job_id for job_id, _, _ in claimed]
+    return job.id in [job_id for job_id, *_ in claimed]
 
 
 def _transient(attempts: int, retry_count: int, expected: Status) -> Callable:
