@@ -200,10 +200,9 @@ def job_context(job_id: Optional[uuid.UUID], trace_parent: Optional[str]) -> Ite
 class ClientCall:
     """An outgoing HTTP call's span, and the headers that carry its context to the server."""
 
-    def __init__(self, span: trace.Span):
+    def __init__(self, span: trace.Span, headers: dict[str, str]):
         self.span = span
-        self.headers: dict[str, str] = {}
-        inject(self.headers)
+        self.headers = headers
 
     def answered(self, status: int) -> None:
         if self.span.is_recording():
@@ -217,16 +216,20 @@ def client_call(name: str, method: str, url: str) -> Iterator[ClientCall]:
     """A CLIENT span `name` for an HTTP call renderq makes without requests (webhooks use
     http.client). Only the scheme, host and port are recorded: a receiver's path or query may
     hold a secret."""
+    if not enabled():
+        yield ClientCall(trace.INVALID_SPAN, {})
+        return
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    tracer = trace.get_tracer(__name__)
-    with tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT, attributes={
-            "http.method": method, "server.address": parts.hostname or "",
-            "url.scheme": parts.scheme}) as span:
-        if parts.port and span.is_recording():
-            span.set_attribute("server.port", parts.port)
-        yield ClientCall(span)
+    attributes = {"http.method": method, "server.address": parts.hostname or "", "url.scheme": parts.scheme}
+    if parts.port:
+        attributes["server.port"] = parts.port
+    with trace.get_tracer(__name__).start_as_current_span(name, kind=trace.SpanKind.CLIENT,
+                                                          attributes=attributes) as span:
+        headers: dict[str, str] = {}
+        inject(headers)
+        yield ClientCall(span, headers)
 
 
 @contextlib.contextmanager

@@ -234,6 +234,9 @@ def test_one_trace_follows_a_job_from_its_post_to_the_generator_and_the_webhook(
     # The generator and the webhook receiver were handed the trace (W3C traceparent).
     assert any(request.headers.get("traceparent", "").startswith("00-%s-" % post.trace_id)
                for request in traced.webhooks.requests)
+    # Each process is a service of its own; beat's sweeps are traces of their own.
+    wait_for(lambda: {"renderq-beat", "renderq-maintenance"} <= {span.service for span in traced.collector.spans()},
+             timeout=20, what="beat's and the maintenance consumer's spans")
     generator_log = (traced.log_dir / "generator.log").read_text()
     assert re.search(r"render job=%s call=1 status=200 .*traceparent=00-%s-%s-[0-9a-f]{2}" % (job_id, post.trace_id, call.span_id),
                      generator_log), generator_log[-2000:]
