@@ -176,7 +176,8 @@ def _tracing(read: _Reader) -> dict:
     # The signal's own endpoint is used as it is; the general one gets the signal's path.
     traces_endpoint = read("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "", _optional_url) or (
         endpoint.rstrip("/") + "/v1/traces" if endpoint else "")
-    if read("OTEL_SDK_DISABLED", "false", _boolean) or exporter == "none" or (exporter == "otlp" and not traces_endpoint):
+    disabled = read("OTEL_SDK_DISABLED", "false", _boolean)
+    if disabled or exporter == "none" or (exporter == "otlp" and not traces_endpoint):
         exporter = ""
     return {"traces_exporter": exporter, "traces_endpoint": traces_endpoint,
             "service_name": read("OTEL_SERVICE_NAME", "", str)}

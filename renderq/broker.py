@@ -61,7 +61,8 @@ def publish_timer(job_id: uuid.UUID, kind: str, countdown: float) -> None:
 def publish_delivery(notification_id: int, countdown: Optional[float] = None) -> None:
     job_id, trace_parent = None, None
     if tracing.enabled():  # the webhook joins the trace of the job it tells about
-        row = db.session.execute(select(Notification.job_id, Job.trace_parent).outerjoin(Job, Job.id == Notification.job_id)
+        row = db.session.execute(select(Notification.job_id, Job.trace_parent)
+                                 .outerjoin(Job, Job.id == Notification.job_id)
                                  .where(Notification.id == notification_id)).first()
         job_id, trace_parent = row if row is not None else (None, None)
     _send(DELIVER_TASK, job_id, trace_parent, args=[notification_id], countdown=countdown)

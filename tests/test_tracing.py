@@ -156,7 +156,8 @@ def traced(tmp_path_factory) -> Iterator[TracedStack]:
     database_url = create_database(BASE_DATABASE_URL)
     redis = PrivateRedis(tmp_path_factory.mktemp("traced-redis"), log_dir).start()
     env = {**untraced_environment(), **FAST_TIMINGS, "DATABASE_URL": database_url, "REDIS_URL": redis.url,
-           "APP_ENV": "production", "WEBHOOK_SECRET": WEBHOOK_SECRET, "WEBHOOK_ALLOWED_NETWORKS": WEBHOOK_ALLOWED_NETWORKS,
+           "APP_ENV": "production", "WEBHOOK_SECRET": WEBHOOK_SECRET,
+           "WEBHOOK_ALLOWED_NETWORKS": WEBHOOK_ALLOWED_NETWORKS,
            "MEDIA_ROOT": str(tmp_path_factory.mktemp("traced-media"))}
     processes: list[Process] = []
     try:
@@ -222,7 +223,8 @@ def test_one_trace_follows_a_job_from_its_post_to_the_generator_and_the_webhook(
     delivery, = only(spans, name=DELIVERY_RUN)
     webhook, = only(spans, name="POST webhook")
     assert (attempt.service, attempt.kind) == ("renderq-worker", "consumer")
-    assert (call.service, call.parent_id, call.attributes["http.status_code"]) == ("renderq-worker", attempt.span_id, 200)
+    assert (call.service, call.parent_id, call.attributes["http.status_code"]) == (
+        "renderq-worker", attempt.span_id, 200)
     assert (delivery.service, webhook.service, webhook.parent_id) == ("renderq-webhooks", "renderq-webhooks",
                                                                        delivery.span_id)
     for span in (post, attempt, call, delivery, webhook):
@@ -238,8 +240,9 @@ def test_one_trace_follows_a_job_from_its_post_to_the_generator_and_the_webhook(
     wait_for(lambda: {"renderq-beat", "renderq-maintenance"} <= {span.service for span in traced.collector.spans()},
              timeout=20, what="beat's and the maintenance consumer's spans")
     generator_log = (traced.log_dir / "generator.log").read_text()
-    assert re.search(r"render job=%s call=1 status=200 .*traceparent=00-%s-%s-[0-9a-f]{2}" % (job_id, post.trace_id, call.span_id),
-                     generator_log), generator_log[-2000:]
+    handed = r"render job=%s call=1 status=200 .*traceparent=00-%s-%s-[0-9a-f]{2}" % (job_id, post.trace_id,
+                                                                                    call.span_id)
+    assert re.search(handed, generator_log), generator_log[-2000:]
 
 
 def test_a_retry_keeps_both_attempts_in_the_submissions_trace(traced):
@@ -306,7 +309,7 @@ from renderq import tracing
 from webapp import create_app
 app = create_app()
 print(json.dumps({"enabled": tracing.enabled(), "sdk": "opentelemetry.sdk" in sys.modules,
-                  "instrumentation": sorted(name for name in sys.modules if name.startswith("opentelemetry.instrumentation")),
+                  "instrumentation": [name for name in sys.modules if name.startswith("opentelemetry.instrumentation")],
                   "flask": getattr(app, "_is_instrumented_by_opentelemetry", False),
                   "requests": hasattr(requests.Session.send, "__wrapped__"),
                   "provider": type(trace.get_tracer_provider()).__name__}))
@@ -322,7 +325,8 @@ from webapp import create_app
 assert create_app().test_client().get("/openapi.json").status_code == 200
 """
     env = {**untraced_environment(stack.env), "OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "renderq-probe"}
-    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
     spans = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     request, = [span for span in spans if span["name"] == "GET /openapi.json"]
@@ -335,8 +339,8 @@ assert create_app().test_client().get("/openapi.json").status_code == 200
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"}, "otlp", "http://collector:4318/v1/traces"),
     ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://collector/traces"}, "otlp", "https://collector/traces"),
     ({"OTEL_TRACES_EXPORTER": "console"}, "console", ""),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_TRACES_EXPORTER": "none"}, "", "http://collector:4318/v1/traces"),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_SDK_DISABLED": "true"}, "", "http://collector:4318/v1/traces"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}, "", "http://c:4318/v1/traces"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}, "", "http://c:4318/v1/traces"),
 ])
 def test_the_variables_that_turn_traces_on(variables: dict, exporter: str, endpoint: str):
     settings = load_settings(variables)
