@@ -124,6 +124,12 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
+def _optional_url(raw: str) -> str:
+    if raw and not raw.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return raw
+
+
 class _Reader:
     def __init__(self, environ: Mapping[str, str]):
         self.environ = environ
@@ -170,6 +176,10 @@ class Settings:
     max_event_streams: int
     event_heartbeat_seconds: float
     kind_limits: dict
+    # OpenTelemetry traces (renderq.tracing): "otlp", "console", or "" for off.
+    traces_exporter: str
+    traces_endpoint: str  # where OTLP/HTTP spans are POSTed, /v1/traces included
+    service_name: str  # OTEL_SERVICE_NAME; each process has its own default
 
     @property
     def production(self) -> bool:
@@ -178,6 +188,23 @@ class Settings:
     def retry_delay(self, retry_number: int) -> float:
         """Seconds to wait before fast-ladder retry number `retry_number` (1-based)."""
         return self.retry_delays[retry_number - 1]
+
+
+def _tracing(read: _Reader) -> dict:
+    """Traces are off unless an OTLP endpoint is set or OTEL_TRACES_EXPORTER=console. Only the
+    OTLP/HTTP exporter is installed, so a gRPC protocol is refused rather than silently unused."""
+    read("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf", _choice("http/protobuf"))
+    read("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf", _choice("http/protobuf"))
+    exporter = read("OTEL_TRACES_EXPORTER", "otlp", _choice("otlp", "console", "none"))
+    endpoint = read("OTEL_EXPORTER_OTLP_ENDPOINT", "", _optional_url)
+    # The signal's own endpoint is used as it is; the general one gets the signal's path.
+    traces_endpoint = read("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "", _optional_url) or (
+        endpoint.rstrip("/") + "/v1/traces" if endpoint else "")
+    disabled = read("OTEL_SDK_DISABLED", "false", _boolean)
+    if disabled or exporter == "none" or (exporter == "otlp" and not traces_endpoint):
+        exporter = ""
+    return {"traces_exporter": exporter, "traces_endpoint": traces_endpoint,
+            "service_name": read("OTEL_SERVICE_NAME", "", str)}
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -214,6 +241,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_event_streams=read("MAX_EVENT_STREAMS", "8", _non_negative_int),
         event_heartbeat_seconds=read("EVENT_HEARTBEAT_SECONDS", "15", _positive_float),
         kind_limits=read("KIND_LIMITS", "", _kind_limits),
+        **_tracing(read),
     )
     if settings.max_retries > len(settings.retry_delays):
         raise ConfigError(

@@ -9,8 +9,13 @@ import logging
 import uuid
 from typing import Optional
 
+from sqlalchemy import select
+
 from config.kinds import get_kind
+from renderq import tracing
+from renderq.db import db
 from renderq.jobs.lifecycle import Finished
+from renderq.models import Job, Notification
 from renderq.runtime import celery_app
 
 log = logging.getLogger(__name__)
@@ -20,29 +25,45 @@ ATTEMPT_TASK = "renderq.jobs.attempt"
 DELIVER_TASK = "renderq.notifications.deliver"
 
 
-def _send(name: str, **options: object) -> None:
+def _send(name: str, job_id: Optional[uuid.UUID], trace_parent: Optional[str], **options: object) -> None:
     # Status lives in PostgreSQL: nobody waits on a Celery result, so none is subscribed to
     # (send_task would otherwise open a result-backend subscription for every message).
-    celery_app().send_task(name, ignore_result=True, **options)
+    with tracing.job_context(job_id, trace_parent):  # the message joins its job's trace
+        celery_app().send_task(name, ignore_result=True, **options)
 
 
-def publish_attempt(job_id: uuid.UUID, ticket: uuid.UUID, kind: str) -> None:
-    """Send the attempt the scheduler gave `ticket` to (after its commit)."""
+def _stored_trace_parent(job_id: uuid.UUID) -> Optional[str]:
+    """The job's submission trace context; only looked up while this process traces."""
+    if not tracing.enabled():
+        return None
+    return db.session.execute(select(Job.trace_parent).where(Job.id == job_id)).scalar()
+
+
+def publish_attempt(job_id: uuid.UUID, ticket: uuid.UUID, kind: str, trace_parent: Optional[str] = None) -> None:
+    """Send the attempt the scheduler gave `ticket` to (after its commit), in the trace of the
+    job's submission (`trace_parent`, from the job row)."""
     job_kind = get_kind(kind)
     # The task id is the job id: every message of a job shares it, so a cancel can revoke them all.
-    _send(ATTEMPT_TASK, args=[str(job_id)], kwargs={"ticket": str(ticket), "kind": kind}, task_id=str(job_id),
-          soft_time_limit=job_kind.soft_time_limit, time_limit=job_kind.hard_time_limit)
+    _send(ATTEMPT_TASK, job_id, trace_parent, args=[str(job_id)], kwargs={"ticket": str(ticket), "kind": kind},
+          task_id=str(job_id), soft_time_limit=job_kind.soft_time_limit, time_limit=job_kind.hard_time_limit)
     log.info("📋 [QUEUE] job %s: attempt message sent", job_id, extra={"job_id": str(job_id)})
 
 
 def publish_timer(job_id: uuid.UUID, kind: str, countdown: float) -> None:
     """A message without a ticket, due in `countdown` seconds: when it arrives the job's retry
     is due and the scheduler sends it an attempt as soon as a slot is free."""
-    _send(ATTEMPT_TASK, args=[str(job_id)], kwargs={"kind": kind}, task_id=str(job_id), countdown=countdown)
+    _send(ATTEMPT_TASK, job_id, _stored_trace_parent(job_id), args=[str(job_id)], kwargs={"kind": kind},
+          task_id=str(job_id), countdown=countdown)
 
 
 def publish_delivery(notification_id: int, countdown: Optional[float] = None) -> None:
-    _send(DELIVER_TASK, args=[notification_id], countdown=countdown)
+    job_id, trace_parent = None, None
+    if tracing.enabled():  # the webhook joins the trace of the job it tells about
+        row = db.session.execute(select(Notification.job_id, Job.trace_parent)
+                                 .outerjoin(Job, Job.id == Notification.job_id)
+                                 .where(Notification.id == notification_id)).first()
+        job_id, trace_parent = row if row is not None else (None, None)
+    _send(DELIVER_TASK, job_id, trace_parent, args=[notification_id], countdown=countdown)
 
 
 def announce(finished: Finished) -> None:

@@ -92,6 +92,9 @@ class Job(db.Model):
     lease_expires_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     attempt_started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     worker_host: Mapped[Optional[str]] = mapped_column(String(255))  # the worker that ran the latest attempt
+    # The W3C traceparent of the request that submitted the job (renderq.tracing): its attempts
+    # and webhook join that trace whichever process sends them. NULL when nothing traced it.
+    trace_parent: Mapped[Optional[str]] = mapped_column(String(64))
     created_at: Mapped[datetime] = _now_column()
     started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))

@@ -3,6 +3,7 @@ import logging
 import signal
 
 from celery.signals import (
+    beat_init,
     setup_logging,
     worker_init,
     worker_process_init,
@@ -11,7 +12,7 @@ from celery.signals import (
 )
 
 import celeryconfig
-from renderq import workers
+from renderq import tracing, workers
 from renderq.app import create_base_app
 from renderq.db import db
 from renderq.jobs import scheduler
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 flask_app = create_base_app()
 app = flask_app.extensions["celery"]
 _this_worker: dict = {}
+# The service each consumer traces as (OTEL_SERVICE_NAME overrides it), by the queue it consumes.
+SERVICES = {celeryconfig.ATTEMPTS_QUEUE: "renderq-worker", celeryconfig.MAINTENANCE_QUEUE: "renderq-maintenance",
+            celeryconfig.WEBHOOKS_QUEUE: "renderq-webhooks"}
 
 
 @setup_logging.connect
@@ -33,14 +37,25 @@ def _use_renderq_logging(**_: object) -> None:
 def _note_what_this_worker_runs(sender, **_: object) -> None:
     """Before the pool starts: an attempts worker's processes will announce their slots."""
     pool = getattr(sender.pool_cls, "__module__", str(sender.pool_cls)).rsplit(".", 1)[-1]
+    queues = sender.app.amqp.queues.consume_from
     _this_worker.update(hostname=sender.hostname, concurrency=sender.concurrency, pool=pool,
-                        attempts=celeryconfig.ATTEMPTS_QUEUE in sender.app.amqp.queues.consume_from)
+                        attempts=celeryconfig.ATTEMPTS_QUEUE in queues,
+                        service=next((SERVICES[queue] for queue in SERVICES if queue in queues), "renderq-worker"))
+    if pool != "prefork":  # tasks run in this process: trace it (a prefork pool's children trace themselves)
+        tracing.setup(flask_app, _this_worker["service"])
     if _this_worker["attempts"] and pool != "prefork":  # one process runs every slot
         _start_announcing(sender.concurrency)
 
 
+@beat_init.connect
+def _trace_beat(**_: object) -> None:
+    tracing.setup(flask_app, "renderq-beat")  # the sweeps' messages start their traces
+
+
 @worker_process_init.connect
 def _fresh_process(**_: object) -> None:
+    # Each child exports its own spans: an exporter's thread does not survive a fork.
+    tracing.setup(flask_app, _this_worker.get("service", "renderq-worker"))
     # A pooled connection inherited from the parent would be shared by two processes.
     with flask_app.app_context():
         db.engine.dispose(close=False)
@@ -71,3 +86,4 @@ def _start_announcing(slots: int) -> None:
 @worker_shutdown.connect
 def _stop_announcing(**_: object) -> None:
     workers.stop_keeper()
+    tracing.shutdown()  # export what is left: a pool child may end without running atexit

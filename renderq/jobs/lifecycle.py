@@ -186,7 +186,7 @@ def claim_background_batch(limit: int, settings: Settings) -> list[Any]:
         update(Job).where(Job.id == picked.c.id, _leaves("claim_background"))
         .values(status=TRANSITIONS["claim_background"].target, retry_count=Job.retry_count + 1,
                 dispatch_token=func.gen_random_uuid(), dispatched_at=func.now(), updated_at=func.now())
-        .returning(*_with_snapshot(Job.dispatch_token, Job.kind))))
+        .returning(*_with_snapshot(Job.dispatch_token, Job.kind, Job.trace_parent))))
 
 
 def succeed(claim: Claim, result_key: str, attempt: AttemptRecord, settings: Settings,

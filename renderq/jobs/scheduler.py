@@ -157,7 +157,7 @@ def dispatch() -> int:
     sent = db.session.execute(
         update(Job).where(Job.id.in_([row.id for row in rows]), or_(WAITING, DUE_RETRY))
         .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
-        .returning(Job.id, Job.dispatch_token, Job.kind)).all()
+        .returning(Job.id, Job.dispatch_token, Job.kind, Job.trace_parent)).all()
     db.session.execute(update(SchedulerClock).where(SchedulerClock.id == 1).values(
         fair_tag=func.greatest(SchedulerClock.fair_tag, max(row.fair_tag for row in rows))))
     db.session.commit()
@@ -181,7 +181,7 @@ def dispatch_background() -> int:
     events.record(claimed)
     for row in claimed:
         log.info("🔁 [BACKGROUND] job %s claimed for a background try", row.id, extra={"job_id": str(row.id)})
-    _publish([(row.id, row.dispatch_token, row.kind) for row in claimed])
+    _publish([(row.id, row.dispatch_token, row.kind, row.trace_parent) for row in claimed])
     return len(claimed)
 
 
@@ -208,7 +208,7 @@ def recover_lost_dispatches(grace: timedelta) -> int:
     resent = db.session.execute(
         update(Job).where(stale, Job.status == Status.PROCESSING, Job.lease_token.is_(None))
         .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
-        .returning(Job.id, Job.dispatch_token, Job.kind)).all()
+        .returning(Job.id, Job.dispatch_token, Job.kind, Job.trace_parent)).all()
     db.session.commit()
     for job_id in requeued:
         log.info("📋 [QUEUE] job %s: its attempt message was lost; queued again", job_id,
@@ -218,10 +218,11 @@ def recover_lost_dispatches(grace: timedelta) -> int:
 
 
 def _publish(sent: list[Any]) -> None:
-    """After the commit. A message that cannot be sent is left to recover_lost_dispatches."""
-    for job_id, token, kind in sent:
+    """After the commit, each in its job's trace. A message that cannot be sent is left to
+    recover_lost_dispatches."""
+    for job_id, token, kind, trace_parent in sent:
         try:
-            broker.publish_attempt(job_id, token, kind)
+            broker.publish_attempt(job_id, token, kind, trace_parent)
         except Exception:
             log.warning("📋 [QUEUE] job %s: the broker refused its attempt message; it will be sent again",
                         job_id, exc_info=True, extra={"job_id": str(job_id)})
