@@ -50,28 +50,33 @@ if _log_format == "json":
 
 class QuietPeriodicRuns(logging.Filter):
     """Celery's INFO lines for each run of beat's periodic tasks ("Task ... received", "Task ...
-    succeeded", beat's "Sending due task ...") come every QUEUE_CHECK_INTERVAL and say nothing:
-    a run logs its own one-line summary when it did something. They go to DEBUG instead; a
-    failure still logs at ERROR, and every other task keeps its lines."""
+    succeeded", beat's "Sending due task ...", "Discarding revoked task" for a run that expired
+    unstarted) come every QUEUE_CHECK_INTERVAL and say nothing: a run logs its own one-line
+    summary when it did something. They go to DEBUG instead; a failure still logs at ERROR,
+    and every other task keeps its lines."""
+
+    LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.worker.request", "celery.beat")
+    # Lines that name their task in their arguments rather than in `data`: the argument's index.
+    NAMED_IN_ARGUMENTS = {"Scheduler: Sending due task": 1, "Discarding revoked task": 0}
 
     def __init__(self, task_names: set[str]):
         super().__init__()
         self.task_names = task_names
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.INFO or _task_name(record) not in self.task_names:
+        if record.levelno != logging.INFO or self.task_name(record) not in self.task_names:
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger().isEnabledFor(logging.DEBUG)
 
-
-def _task_name(record: logging.LogRecord) -> Optional[str]:
-    data = getattr(record, "data", None)  # the worker passes its lines' arguments as `data`, for handlers
-    if isinstance(data, dict):
-        return data.get("name")
-    if record.name == "celery.beat" and str(record.msg).startswith("Scheduler: Sending due task"):
-        return record.args[1] if isinstance(record.args, tuple) and len(record.args) == 2 else None
-    return None
+    def task_name(self, record: logging.LogRecord) -> Optional[str]:
+        data = getattr(record, "data", None)  # the worker passes its lines' arguments as `data`, for handlers
+        if isinstance(data, dict):
+            return data.get("name")
+        for start, index in self.NAMED_IN_ARGUMENTS.items():
+            if str(record.msg).startswith(start) and isinstance(record.args, tuple) and len(record.args) > index:
+                return record.args[index]
+        return None
 
 
 @setup_logging.connect
@@ -80,7 +85,7 @@ def _use_renderq_logging(loglevel: Optional[int] = None, **_: object) -> None:
     if loglevel:  # --loglevel (Celery's setup_logging leaves it to us)
         logging.getLogger().setLevel(loglevel)
     quiet = QuietPeriodicRuns({entry["task"] for entry in app.conf.beat_schedule.values()})
-    for name in ("celery.worker.strategy", "celery.app.trace", "celery.beat"):
+    for name in QuietPeriodicRuns.LOGGERS:
         logging.getLogger(name).addFilter(quiet)
 
 
