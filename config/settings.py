@@ -125,7 +125,9 @@ def _database_url(raw: str) -> str:
     try:
         make_url(url)  # a port that is not a number, for instance
     except ValueError as error:
-        raise ValueError("is not a valid URL (%s)" % error) from None
+        several_hosts = "," in rest.split("/", 1)[0]
+        raise ValueError("lists several hosts: write them as ?host=a:5432&host=b:5432" if several_hosts
+                         else "is not a valid URL (%s)" % error) from None
     return url
 
 

@@ -55,6 +55,13 @@ def test_anything_else_stops_start_up_naming_database_url(written):
         database_url(written)
 
 
+def test_several_hosts_are_written_in_the_query():
+    assert database_url("postgresql://u@/renderq?host=a:5432&host=b:5432") == \
+        "postgresql+psycopg://u@/renderq?host=a:5432&host=b:5432"
+    with pytest.raises(ConfigError, match=r"several hosts: write them as \?host=a:5432&host=b:5432"):
+        database_url("postgresql://u@a:5432,b:5432/renderq")
+
+
 def test_the_start_up_error_does_not_print_the_password():
     with pytest.raises(ConfigError) as raised:
         database_url("mysql://renderq:hunter2@db.example.com/renderq")
