@@ -90,6 +90,26 @@ def _credentials(raw: str) -> str:
     return raw
 
 
+def _kind_limits(raw: str) -> dict[str, tuple[float, float, float]]:
+    """`kind=soft/hard/timeout,...` in seconds: an attempt's soft and hard time limits and its
+    generator call's timeout, per kind."""
+    from config.kinds import KINDS
+
+    limits = {}
+    for part in filter(None, (piece.strip() for piece in raw.split(","))):
+        name, _, numbers = part.partition("=")
+        if name not in KINDS:
+            raise ValueError("unknown kind %r (valid: %s)" % (name, ", ".join(sorted(KINDS))))
+        try:
+            soft, hard, timeout = (float(number) for number in numbers.split("/"))
+        except ValueError:
+            raise ValueError("%r: give soft/hard/timeout in seconds, e.g. %s=90/120/60" % (part, name)) from None
+        if not 0 < timeout <= soft <= hard:
+            raise ValueError("%r: need 0 < timeout <= soft <= hard" % part)
+        limits[name] = (soft, hard, timeout)
+    return limits
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         if raw not in allowed:
@@ -216,6 +236,8 @@ class Settings:
     notify_on_failure: bool
     log_format: str
     job_lease_seconds: float
+    max_waiting_requests: int
+    kind_limits: dict
 
     @property
     def production(self) -> bool:
@@ -256,6 +278,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         notify_on_failure=read("NOTIFY_ON_FAILURE", "false", _boolean),
         log_format=read("LOG_FORMAT", "text", _choice("text", "json")),
         job_lease_seconds=read("JOB_LEASE_SECONDS", "30", _positive_float),
+        max_waiting_requests=read("MAX_WAITING_REQUESTS", "2", _non_negative_int),
+        kind_limits=read("KIND_LIMITS", "", _kind_limits),
     )
     if settings.max_retries > len(settings.retry_delays):
         raise ConfigError(

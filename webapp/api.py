@@ -74,10 +74,12 @@ def _accepted(job: Job) -> Response:
     """202 with the job; with `Prefer: wait=N`, 200 if it became terminal within N seconds."""
     wait = headers.prefer_wait()
     if wait and job.status not in TERMINAL_STATUSES:
-        job_id, user_id = job.id, g.user.id
-        broker.wait_until_terminal(job_id, wait)  # closes the session: reload what the answer needs
-        g.user = db.session.get(User, user_id)
-        job = db.session.get(Job, job_id)
+        with headers.waiting_room() as admitted:  # past the bound: an immediate 202
+            if admitted:
+                job_id, user_id = job.id, g.user.id
+                broker.wait_until_terminal(job_id, wait)  # closes the session: reload what the answer needs
+                g.user = db.session.get(User, user_id)
+                job = db.session.get(Job, job_id)
     if job.status in TERMINAL_STATUSES and wait is not None:
         return job_json(job, 200)
     response = job_json(job, 202)

@@ -169,10 +169,13 @@ def claim_background_batch(limit: int, settings: Settings) -> list[tuple[uuid.UU
     """The background processor's pick, in the caller's transaction: up to `limit` jobs waiting
     for a background try, retry_count + 1 in one statement, each with the token its message will
     carry. Returns (job id, token, kind) triples."""
-    candidates = (select(Job.id).where(_leaves("claim_background"), ~policy.background_exhausted(settings))
-                  .order_by(Job.updated_at).limit(limit).with_for_update(skip_locked=True).scalar_subquery())
+    # Materialized, so the LIMIT and the row locks apply once: a plain `id IN (SELECT ... LIMIT n
+    # FOR UPDATE SKIP LOCKED)` may be evaluated again per row and claim more than n.
+    picked = (select(Job.id).where(_leaves("claim_background"), ~policy.background_exhausted(settings))
+              .order_by(Job.updated_at).limit(limit).with_for_update(skip_locked=True)
+              .cte("picked").prefix_with("MATERIALIZED"))
     return [tuple(row) for row in db.session.execute(
-        update(Job).where(Job.id.in_(candidates), _leaves("claim_background"))
+        update(Job).where(Job.id == picked.c.id, _leaves("claim_background"))
         .values(status=TRANSITIONS["claim_background"].target, retry_count=Job.retry_count + 1,
                 dispatch_token=func.gen_random_uuid(), dispatched_at=func.now(), updated_at=func.now())
         .returning(Job.id, Job.dispatch_token, Job.kind))]
