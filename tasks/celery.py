@@ -7,6 +7,7 @@ import sys
 from typing import Optional
 
 import celery.apps.worker
+import click
 from celery import VERSION_BANNER
 from celery.signals import (
     celeryd_after_setup,
@@ -40,12 +41,20 @@ def _say_as_json(message: str, stream=sys.__stderr__) -> None:
     os.write(stream.fileno(), (JsonFormatter().format(record) + "\n").encode())
 
 
+def _running(*commands: str) -> bool:
+    """Whether this is `celery -A tasks <command>` (the app loads while its command line is read)."""
+    context = click.get_current_context(silent=True)
+    return context is not None and context.invoked_subcommand in commands
+
+
 if _log_format == "json":
-    # Beat prints its start-up banner, and a task or a library may print anything: as log lines,
-    # they come out as JSON like the rest. (Celery's own worker_redirect_stdouts does this, but
-    # only after the banners, and not at all when setup_logging has a receiver, as here.)
-    sys.stdout = LoggingProxy(logging.getLogger("celery.redirected"), logging.INFO)
     celery.apps.worker.safe_say = _say_as_json
+    if _running("worker", "beat"):
+        # Beat prints its start-up banner, and a task or a library may print anything: as log
+        # lines, they come out as JSON like the rest. (Celery's worker_redirect_stdouts does this,
+        # but only after the banners, and never with a setup_logging receiver like ours.) Not for
+        # `celery inspect` and the like, whose answers are their output.
+        sys.stdout = LoggingProxy(logging.getLogger("celery.redirected"), logging.INFO)
 
 
 class QuietPeriodicRuns(logging.Filter):
