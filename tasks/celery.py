@@ -33,6 +33,7 @@ app = flask_app.extensions["celery"]
 _this_worker: dict = {}
 _log_format = flask_app.extensions["renderq.settings"].log_format
 
+
 def _say_as_json(message: str, stream=sys.__stderr__) -> None:
     """The worker's signal handlers ("worker: Warm shutdown") write with os.write rather than
     logging, whose locks a signal handler must not take: the same write, as one JSON object."""
