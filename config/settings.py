@@ -8,8 +8,12 @@ import base64
 import binascii
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sqlalchemy.engine import make_url
 
 T = TypeVar("T")
 
@@ -130,6 +134,72 @@ def _optional_url(raw: str) -> str:
     return raw
 
 
+# The spellings of a PostgreSQL URL in the wild (PaaS add-ons, compose files, libpq's own
+# `postgres://`, SQLAlchemy's dialect+driver) all mean the one driver installed: psycopg 3.
+POSTGRES_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
+DATABASE_DRIVER = "postgresql+psycopg"
+
+
+def _database_url(raw: str) -> str:
+    """Any usual PostgreSQL URL as SQLAlchemy's psycopg 3 URL; the rest of it (user, password,
+    host or socket, port, query parameters) is kept as written."""
+    scheme, separator, rest = raw.partition("://")
+    if not separator or scheme.lower() not in POSTGRES_SCHEMES:
+        raise ValueError("must be a PostgreSQL URL: postgresql://user:password@host:5432/database "
+                         "(postgres:// and postgresql+psycopg:// are read the same way)")
+    url = DATABASE_DRIVER + "://" + rest
+    try:
+        make_url(url)  # a port that is not a number, for instance
+    except ValueError as error:
+        several_hosts = "," in rest.split("/", 1)[0]
+        raise ValueError("lists several hosts: write them as ?host=a:5432&host=b:5432" if several_hosts
+                         else "is not a valid URL (%s)" % error) from None
+    return url
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://", "unix://")
+# ssl_cert_reqs as redis-py, kombu and Celery's result backend all read it from a rediss:// URL.
+CERT_REQUIREMENTS = {"none": "none", "cert_none": "none", "optional": "optional", "cert_optional": "optional",
+                     "required": "required", "cert_required": "required"}
+
+
+def _redis_url(raw: str) -> str:
+    """A Redis URL every client renderq has (redis-py, Celery's broker and result backend) reads
+    the same way: a password and a user are fine; TLS (rediss://) takes its ssl_* options from
+    the URL, ssl_cert_reqs spelled the one way all three accept. A Unix socket is unix:///path?db=N
+    (celeryconfig gives Celery its own spelling of it)."""
+    if not raw.startswith(REDIS_SCHEMES):
+        raise ValueError("must start with " + " or ".join(REDIS_SCHEMES))
+    parts = urlsplit(raw)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as error:
+        raise ValueError("is not a valid URL (%s)" % error) from None
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if parts.scheme == "redis+socket":  # kombu's spelling of a socket; redis-py reads only unix://
+        socket_query = urlencode([("db" if name == "virtual_host" else name, value) for name, value in query])
+        return "unix://%s%s%s" % (parts.netloc, parts.path, "?" + socket_query if socket_query else "")
+    tls_options = [name for name, _ in query if name.startswith("ssl_")]
+    if tls_options and parts.scheme != "rediss":
+        raise ValueError("has %s but is not a rediss:// (TLS) URL" % ", ".join(tls_options))
+    requirement = dict(query).get("ssl_cert_reqs")
+    if requirement is None or requirement in CERT_REQUIREMENTS.values():
+        return raw
+    if requirement.lower() not in CERT_REQUIREMENTS:
+        raise ValueError("ssl_cert_reqs must be required, optional or none")
+    query = [(name, CERT_REQUIREMENTS[value.lower()] if name == "ssl_cert_reqs" else value) for name, value in query]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/")))
+
+
+def _result_backend(raw: str) -> str:
+    return raw if raw.startswith("db+") else _redis_url(raw)
+
+
+def _redacted(raw: str) -> str:
+    """`raw` without the password a URL may carry, for error messages."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", raw)
+
+
 class _Reader:
     def __init__(self, environ: Mapping[str, str]):
         self.environ = environ
@@ -141,7 +211,7 @@ class _Reader:
         try:
             return parse(raw)
         except ValueError as error:
-            raise ConfigError("%s=%r is invalid: %s" % (name, raw, error)) from None
+            raise ConfigError("%s=%r is invalid: %s" % (name, _redacted(raw), error)) from None
 
 
 @dataclass(frozen=True)
@@ -209,11 +279,11 @@ def _tracing(read: _Reader) -> dict:
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     read = _Reader(os.environ if environ is None else environ)
-    redis_url = read("REDIS_URL", "redis://127.0.0.1:6379/0", _url("redis://", "rediss://", "redis+socket://", "unix://"))
+    redis_url = read("REDIS_URL", "redis://127.0.0.1:6379/0", _redis_url)
     settings = Settings(
-        database_url=read("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/renderq", _url("postgresql")),
+        database_url=read("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/renderq", _database_url),
         redis_url=redis_url,
-        result_backend=read("CELERY_RESULT_BACKEND", redis_url, _url("redis://", "rediss://", "redis+socket://", "unix://", "db+")),
+        result_backend=read("CELERY_RESULT_BACKEND", redis_url, _result_backend),
         app_env=read("APP_ENV", "development", _choice("development", "production", "test")),
         max_retries=read("MAX_RETRIES", "5", _non_negative_int),
         retry_delays=read("RETRY_DELAYS", "1,5,15,60,300", _delays),
