@@ -329,6 +329,12 @@ def test_compose_runs_the_procfile_commands_with_every_setting():
         assert actual == expected, name
     for name in ("web", "worker", "maintenance", "webhooks", "beat", "flower"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    # what dies is started again; a worker stopping gets longer than any attempt may run
+    for name in set(services) - {"migrate"}:
+        assert services[name]["restart"] == "unless-stopped", name
+    from config.kinds import longest_hard_time_limit
+
+    assert int(services["worker"]["stop_grace_period"].rstrip("s")) > longest_hard_time_limit()
 
 
 def test_procfile_processes_bind_loopback_by_default():
