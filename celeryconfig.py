@@ -67,7 +67,9 @@ def from_settings(settings: Settings) -> dict:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
-        # Processes per worker; `celery worker --concurrency N` still overrides it.
+        # The pool and its size (WORKER_POOL, CONCURRENT_JOBS); `celery worker --pool/--concurrency`
+        # still override them (the maintenance and webhooks consumers do).
+        worker_pool=settings.worker_pool,
         worker_concurrency=settings.concurrent_jobs,
         # The API publishes after commit and answers 202 even when the broker is down (the
         # reconciler publishes later), so a publish must give up within a second or two.

@@ -223,6 +223,7 @@ class Settings:
     max_retries: int
     retry_delays: tuple[float, ...]
     concurrent_jobs: int
+    worker_pool: str
     queue_check_interval: float
     completed_job_ttl: int
     background_processing_interval_ms: int
@@ -288,6 +289,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_retries=read("MAX_RETRIES", "5", _non_negative_int),
         retry_delays=read("RETRY_DELAYS", "1,5,15,60,300", _delays),
         concurrent_jobs=read("CONCURRENT_JOBS", "3", _positive_int),
+        worker_pool=read("WORKER_POOL", "threads", _choice("threads", "prefork", "solo")),
         queue_check_interval=read("QUEUE_CHECK_INTERVAL", "5", _positive_float),
         completed_job_ttl=read("COMPLETED_JOB_TTL", "86400", _positive_int),
         background_processing_interval_ms=read("BACKGROUND_PROCESSING_INTERVAL", "30000", _positive_int),

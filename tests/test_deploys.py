@@ -7,11 +7,25 @@ import os
 import signal
 import time
 
+import pytest
+
 from tests.conftest import generator_calls, upload, wait_terminal
-from tests.support import wait_for
+from tests.support import Process, wait_for, worker_command
 
 
-def test_sigterm_to_the_worker_and_its_pool_finishes_the_running_attempts(client, make_user, stack, generator):
+@pytest.fixture(params=["threads", "prefork"])
+def pool(request, stack):
+    """The Procfile's default pool (threads), and prefork, whose children share the group."""
+    if request.param != "threads":
+        stack.worker.stop()
+        stack.worker = Process("worker", worker_command(pool=request.param), stack.env, stack.log_dir).start()
+    yield request.param
+    if request.param != "threads":
+        stack.worker.stop()
+        stack.restart_worker()
+
+
+def test_sigterm_to_the_worker_and_its_pool_finishes_the_running_attempts(client, make_user, stack, generator, pool):
     _, token = make_user()
     jobs = [upload(client, token, prompt="[slow:2500]").get_json()["id"] for _ in range(4)]
     running = wait_for(lambda: [job_id for job_id in jobs if generator_calls(generator, job_id)["in_flight"]]
@@ -22,7 +36,7 @@ def test_sigterm_to_the_worker_and_its_pool_finishes_the_running_attempts(client
     for job_id in running:
         assert wait_terminal(client, token, job_id, timeout=5)["status"] == "completed"
     time.sleep(1)
-    stack.restart_worker()
+    stack.worker = Process("worker", worker_command(pool=pool), stack.env, stack.log_dir).start()
     for job_id in jobs:
         job = wait_terminal(client, token, job_id, timeout=30)
         assert (job["status"], job["attempts"]) == ("completed", 1), job
