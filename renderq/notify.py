@@ -46,7 +46,8 @@ def payload(job: Job, event: Event, locale: str) -> dict:
 
 
 def record(job_id: uuid.UUID, event: Event, settings: Settings) -> Optional[int]:
-    """Insert the notification unless it exists; its id if this call created it."""
+    """Insert the notification unless it exists; its id if this call created it and it is to
+    be delivered to a webhook (a user without one only reads the inbox)."""
     job = db.session.get(Job, job_id, populate_existing=True)
     user = db.session.get(User, job.user_id)
     statement = (
@@ -58,7 +59,8 @@ def record(job_id: uuid.UUID, event: Event, settings: Settings) -> Optional[int]
         .on_conflict_do_nothing(index_elements=["job_id", "event"])
         .returning(Notification.id)
     )
-    return db.session.execute(statement).scalar()
+    notification_id = db.session.execute(statement).scalar()
+    return notification_id if user.webhook_url else None
 
 
 def inbox(user_id: int, limit: int = 50) -> list[Notification]:

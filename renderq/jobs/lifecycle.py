@@ -80,7 +80,7 @@ class AttemptRecord:
 
 @dataclass(frozen=True)
 class Finished:
-    """A job reached a terminal status; `notification_id` is set when the user is to be told."""
+    """A job reached a terminal status; `notification_id` is set when a webhook is to be sent."""
     job_id: uuid.UUID
     status: Status
     notification_id: Optional[int] = None

@@ -83,12 +83,21 @@ def test_who_is_told_what(status, outcome, notify_on_failure, event):
 
 def test_one_notification_per_job_and_event_however_often_it_is_recorded(ctx, core_app):
     user = new_user()
+    user.webhook_url = "https://93.184.216.34/hooks"
     job = new_job(user, Status.COMPLETED, outcome=Outcome.BLOCKED, block_reason="COPYRIGHT_VIOLATION")
     settings = core_app.extensions["renderq.settings"]
     first = notify.record(job.id, Event.BLOCKED, settings)
     second = notify.record(job.id, Event.BLOCKED, settings)
     db.session.commit()
-    assert first is not None and second is None
+    assert first is not None and second is None  # the first is to be delivered; the second is no new row
     rows = db.session.execute(select(Notification).where(Notification.job_id == job.id)).scalars().all()
     assert len(rows) == 1 and rows[0].payload["block_reason"] == "COPYRIGHT_VIOLATION"
     assert rows[0].payload["message"].startswith("🚫 This image cannot be processed")
+
+
+def test_a_user_without_a_webhook_gets_the_row_and_no_delivery(ctx, core_app):
+    job = new_job(new_user(), Status.COMPLETED, outcome=Outcome.SUCCEEDED)
+    assert notify.record(job.id, Event.SUCCEEDED, core_app.extensions["renderq.settings"]) is None
+    db.session.commit()
+    row = db.session.execute(select(Notification).where(Notification.job_id == job.id)).scalar_one()
+    assert row.next_delivery_at is None and row.payload["result_url"] == "/api/jobs/%s/result" % job.id
