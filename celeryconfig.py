@@ -61,11 +61,15 @@ def from_settings(settings: Settings) -> dict:
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
-        # Reliability: acknowledge after the attempt, requeue when the worker dies, take one
-        # message at a time so a busy process does not sit on messages others could run.
+        # Reliability: acknowledge after the attempt, requeue when the worker dies.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        # A prefork worker takes one message per process, so none sits on a message another
+        # could run. A threads worker's consumer (Celery's blocking loop) only asks Redis for
+        # more while it has room, and looks again up to 2 s later: with one message per thread
+        # it would leave a freed thread idle that long. The scheduler never sends more attempt
+        # messages than there are free slots, so room for twice that hoards nothing.
+        worker_prefetch_multiplier=1 if settings.worker_pool == "prefork" else 2,
         broker_connection_retry_on_startup=True,
         # The pool and its size (WORKER_POOL, CONCURRENT_JOBS); `celery worker --pool/--concurrency`
         # still override them (the maintenance and webhooks consumers do).

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional
 
-from sqlalchemy import and_, func, or_, select, true, update
+from sqlalchemy import and_, func, null, or_, select, true, update
 
 from config import Settings
 from renderq import billing, events, notify
 from renderq.db import db
 from renderq.enums import ACTIVE_STATUSES, AttemptOutcome, EntryKind, Outcome, Status
 from renderq.jobs import policy
-from renderq.models import Job, JobAttempt, Photo, User
+from renderq.models import Blob, Job, JobAttempt, Photo, User
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ class Claim:
     started_at: datetime  # when this attempt started, by the database's clock
     safety_agreed: bool = False
     photo_key: Optional[str] = None
+    photo: Optional[bytes] = None  # the photo's bytes, when the database holds them
 
     def holds(self) -> Any:
         """SQL: the job is still this attempt's (not recovered, canceled or finished meanwhile)."""
@@ -93,7 +94,7 @@ CLAIM_COLUMNS = (Job.kind, Job.user_id, Job.photo_id, Job.params, Job.attempts, 
 def claim_from(row: Any, token: uuid.UUID) -> Claim:
     return Claim(row.id, token, row.kind, row.user_id, row.photo_id, row.params or {}, row.attempts,
                  row.retry_count, row.created_at, row.attempt_started_at or datetime.now(timezone.utc),
-                 getattr(row, "safety_agreed", False), getattr(row, "photo_key", None))
+                 getattr(row, "safety_agreed", False), getattr(row, "photo_key", None), getattr(row, "photo", None))
 
 
 def _with_snapshot(*columns: Any) -> tuple:
@@ -131,10 +132,10 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
     (the result, where storage joins the transaction)."""
     status = TRANSITIONS[transition].target
     won = db.session.execute(
-        update(Job).where(Job.id == job_id, _leaves(transition), guard)
+        update(Job).where(Job.id == job_id, _leaves(transition), guard, User.id == Job.user_id)
         .values(status=status, updated_at=func.now(), completed_at=func.now(), lease_token=None,
                 lease_expires_at=None, dispatch_token=None, **values)
-        .returning(*events.SNAPSHOT)
+        .returning(*_with_snapshot(*notify.JOB_COLUMNS), *notify.USER_COLUMNS)
     ).first()
     if won is None:
         db.session.rollback()
@@ -145,17 +146,22 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
         on_win()
     billing.settle(job_id, EntryKind.CAPTURE if values.get("outcome") == Outcome.SUCCEEDED else EntryKind.RELEASE)
     event = notify.event_for(status, values.get("outcome"), settings)
-    notification_id = notify.record(job_id, event, settings) if event else None
+    notification_id = notify.record(won, event, settings) if event else None
     db.session.commit()
     events.record([won])
     return Finished(job_id, status, notification_id)
 
 
-def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_host: str) -> Optional[Claim]:
+def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_host: str,
+          with_photo: bool = False) -> Optional[Claim]:
     """Start the attempt the message carrying `ticket` was sent for: a pending or due retrying
     job (the `claim` move), or a background try the background processor has claimed. None if
-    the ticket is not the job's any more (a stale or duplicated message steps aside)."""
+    the ticket is not the job's any more (a stale or duplicated message steps aside).
+    `with_photo`: the photo's bytes come back in the same statement (they are in `blobs`)."""
     token = uuid.uuid4()
+    photo_key = select(Photo.path).where(Photo.id == Job.photo_id).scalar_subquery()
+    photo = (select(Blob.data).join(Photo, Photo.path == Blob.key).where(Photo.id == Job.photo_id)
+             .scalar_subquery() if with_photo else null()).label("photo")
     background_try = and_(Job.status == Status.PROCESSING, Job.lease_token.is_(None))
     row = db.session.execute(
         update(Job).where(Job.id == job_id, Job.dispatch_token == ticket, or_(_leaves("claim"), background_try))
@@ -166,7 +172,7 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
         .returning(*_with_snapshot(*CLAIM_COLUMNS),
                    select(User.safety_agreed_at.is_not(None)).where(User.id == Job.user_id)
                    .scalar_subquery().label("safety_agreed"),
-                   select(Photo.path).where(Photo.id == Job.photo_id).scalar_subquery().label("photo_key"))
+                   photo_key.label("photo_key"), photo)
     ).first()
     db.session.commit()
     events.record([row])
