@@ -10,7 +10,7 @@ from flask_migrate import Migrate
 
 from renderq.app import create_base_app
 from renderq.db import db
-from webapp import api, api_me, api_monitoring, cli, errors, metrics, openapi, page
+from webapp import api, api_me, api_monitoring, api_replays, cli, errors, metrics, openapi, page
 
 MIGRATIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
 
@@ -25,8 +25,8 @@ def create_app(config: Optional[Mapping[str, str]] = None) -> Flask:
     app.json.sort_keys = False  # resources read in the order docs/api.md lists their fields
     migrate.init_app(app, db, directory=MIGRATIONS)
     errors.register(app)
-    for blueprint in (api.blueprint, api_me.blueprint, api_monitoring.blueprint, metrics.blueprint, page.blueprint,
-                      openapi.blueprint):
+    for blueprint in (api.blueprint, api_me.blueprint, api_monitoring.blueprint, api_replays.blueprint,
+                      metrics.blueprint, page.blueprint, openapi.blueprint):
         app.register_blueprint(blueprint)
     cli.register(app)
     return app
