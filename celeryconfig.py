@@ -1,7 +1,9 @@
 """Celery's settings, built from renderq's validated Settings (never copied from app.config)."""
 from __future__ import annotations
 
+import ssl
 from datetime import timedelta
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from config import Settings
 from config.kinds import longest_hard_time_limit
@@ -24,10 +26,34 @@ def visibility_timeout(settings: Settings) -> int:
     return int(max(3600, max(settings.retry_delays) + longest_hard_time_limit() + 60))
 
 
+def celery_redis_url(url: str) -> str:
+    """A Redis URL as kombu and Celery's result backend read it: they spell a Unix socket
+    redis+socket:///path?virtual_host=N where redis-py (and REDIS_URL) has unix:///path?db=N."""
+    parts = urlsplit(url)
+    if parts.scheme != "unix":
+        return url
+    query = urlencode([("virtual_host" if name == "db" else name, value) for name, value in parse_qsl(parts.query)])
+    return "redis+socket://%s%s%s" % (parts.netloc, parts.path, "?" + query if query else "")
+
+
+def tls_settings(settings: Settings) -> dict:
+    """For rediss:// URLs: check the server's certificate against the system's CAs, as redis-py
+    does. Without this, kombu would connect without checking it (with a warning) and Celery's
+    result backend would refuse to start; ssl_* parameters in the URL still take precedence."""
+    verified = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    options = {}
+    if settings.redis_url.startswith("rediss://"):
+        options["broker_use_ssl"] = verified
+    if settings.result_backend.startswith("rediss://"):
+        options["redis_backend_use_ssl"] = verified
+    return options
+
+
 def from_settings(settings: Settings) -> dict:
     return dict(
-        broker_url=settings.redis_url,
-        result_backend=settings.result_backend,
+        broker_url=celery_redis_url(settings.redis_url),
+        result_backend=celery_redis_url(settings.result_backend),
+        **tls_settings(settings),
         result_expires=settings.completed_job_ttl,
         # Status lives in PostgreSQL; results in Redis would only be read by Flower.
         task_ignore_result=True,

@@ -8,8 +8,12 @@ import base64
 import binascii
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sqlalchemy.engine import make_url
 
 T = TypeVar("T")
 
@@ -86,6 +90,26 @@ def _credentials(raw: str) -> str:
     return raw
 
 
+def _kind_limits(raw: str) -> dict[str, tuple[float, float, float]]:
+    """`kind=soft/hard/timeout,...` in seconds: an attempt's soft and hard time limits and its
+    generator call's timeout, per kind."""
+    from config.kinds import KINDS
+
+    limits = {}
+    for part in filter(None, (piece.strip() for piece in raw.split(","))):
+        name, _, numbers = part.partition("=")
+        if name not in KINDS:
+            raise ValueError("unknown kind %r (valid: %s)" % (name, ", ".join(sorted(KINDS))))
+        try:
+            soft, hard, timeout = (float(number) for number in numbers.split("/"))
+        except ValueError:
+            raise ValueError("%r: give soft/hard/timeout in seconds, e.g. %s=90/120/60" % (part, name)) from None
+        if not 0 < timeout <= soft <= hard:
+            raise ValueError("%r: need 0 < timeout <= soft <= hard" % part)
+        limits[name] = (soft, hard, timeout)
+    return limits
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         if raw not in allowed:
@@ -104,6 +128,78 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
+def _optional_url(raw: str) -> str:
+    if raw and not raw.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return raw
+
+
+# The spellings of a PostgreSQL URL in the wild (PaaS add-ons, compose files, libpq's own
+# `postgres://`, SQLAlchemy's dialect+driver) all mean the one driver installed: psycopg 3.
+POSTGRES_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
+DATABASE_DRIVER = "postgresql+psycopg"
+
+
+def _database_url(raw: str) -> str:
+    """Any usual PostgreSQL URL as SQLAlchemy's psycopg 3 URL; the rest of it (user, password,
+    host or socket, port, query parameters) is kept as written."""
+    scheme, separator, rest = raw.partition("://")
+    if not separator or scheme.lower() not in POSTGRES_SCHEMES:
+        raise ValueError("must be a PostgreSQL URL: postgresql://user:password@host:5432/database "
+                         "(postgres:// and postgresql+psycopg:// are read the same way)")
+    url = DATABASE_DRIVER + "://" + rest
+    try:
+        make_url(url)  # a port that is not a number, for instance
+    except ValueError as error:
+        several_hosts = "," in rest.split("/", 1)[0]
+        raise ValueError("lists several hosts: write them as ?host=a:5432&host=b:5432" if several_hosts
+                         else "is not a valid URL (%s)" % error) from None
+    return url
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://", "unix://")
+# ssl_cert_reqs as redis-py, kombu and Celery's result backend all read it from a rediss:// URL.
+CERT_REQUIREMENTS = {"none": "none", "cert_none": "none", "optional": "optional", "cert_optional": "optional",
+                     "required": "required", "cert_required": "required"}
+
+
+def _redis_url(raw: str) -> str:
+    """A Redis URL every client renderq has (redis-py, Celery's broker and result backend) reads
+    the same way: a password and a user are fine; TLS (rediss://) takes its ssl_* options from
+    the URL, ssl_cert_reqs spelled the one way all three accept. A Unix socket is unix:///path?db=N
+    (celeryconfig gives Celery its own spelling of it)."""
+    if not raw.startswith(REDIS_SCHEMES):
+        raise ValueError("must start with " + " or ".join(REDIS_SCHEMES))
+    parts = urlsplit(raw)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as error:
+        raise ValueError("is not a valid URL (%s)" % error) from None
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if parts.scheme == "redis+socket":  # kombu's spelling of a socket; redis-py reads only unix://
+        socket_query = urlencode([("db" if name == "virtual_host" else name, value) for name, value in query])
+        return "unix://%s%s%s" % (parts.netloc, parts.path, "?" + socket_query if socket_query else "")
+    tls_options = [name for name, _ in query if name.startswith("ssl_")]
+    if tls_options and parts.scheme != "rediss":
+        raise ValueError("has %s but is not a rediss:// (TLS) URL" % ", ".join(tls_options))
+    requirement = dict(query).get("ssl_cert_reqs")
+    if requirement is None or requirement in CERT_REQUIREMENTS.values():
+        return raw
+    if requirement.lower() not in CERT_REQUIREMENTS:
+        raise ValueError("ssl_cert_reqs must be required, optional or none")
+    query = [(name, CERT_REQUIREMENTS[value.lower()] if name == "ssl_cert_reqs" else value) for name, value in query]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/")))
+
+
+def _result_backend(raw: str) -> str:
+    return raw if raw.startswith("db+") else _redis_url(raw)
+
+
+def _redacted(raw: str) -> str:
+    """`raw` without the password a URL may carry, for error messages."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", raw)
+
+
 class _Reader:
     def __init__(self, environ: Mapping[str, str]):
         self.environ = environ
@@ -115,7 +211,7 @@ class _Reader:
         try:
             return parse(raw)
         except ValueError as error:
-            raise ConfigError("%s=%r is invalid: %s" % (name, raw, error)) from None
+            raise ConfigError("%s=%r is invalid: %s" % (name, _redacted(raw), error)) from None
 
 
 @dataclass(frozen=True)
@@ -146,6 +242,14 @@ class Settings:
     notify_on_failure: bool
     log_format: str
     job_lease_seconds: float
+    max_waiting_requests: int
+    max_event_streams: int
+    event_heartbeat_seconds: float
+    kind_limits: dict
+    # OpenTelemetry traces (renderq.tracing): "otlp", "console", or "" for off.
+    traces_exporter: str
+    traces_endpoint: str  # where OTLP/HTTP spans are POSTed, /v1/traces included
+    service_name: str  # OTEL_SERVICE_NAME; each process has its own default
 
     @property
     def production(self) -> bool:
@@ -156,13 +260,30 @@ class Settings:
         return self.retry_delays[retry_number - 1]
 
 
+def _tracing(read: _Reader) -> dict:
+    """Traces are off unless an OTLP endpoint is set or OTEL_TRACES_EXPORTER=console. Only the
+    OTLP/HTTP exporter is installed, so a gRPC protocol is refused rather than silently unused."""
+    read("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf", _choice("http/protobuf"))
+    read("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf", _choice("http/protobuf"))
+    exporter = read("OTEL_TRACES_EXPORTER", "otlp", _choice("otlp", "console", "none"))
+    endpoint = read("OTEL_EXPORTER_OTLP_ENDPOINT", "", _optional_url)
+    # The signal's own endpoint is used as it is; the general one gets the signal's path.
+    traces_endpoint = read("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "", _optional_url) or (
+        endpoint.rstrip("/") + "/v1/traces" if endpoint else "")
+    disabled = read("OTEL_SDK_DISABLED", "false", _boolean)
+    if disabled or exporter == "none" or (exporter == "otlp" and not traces_endpoint):
+        exporter = ""
+    return {"traces_exporter": exporter, "traces_endpoint": traces_endpoint,
+            "service_name": read("OTEL_SERVICE_NAME", "", str)}
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     read = _Reader(os.environ if environ is None else environ)
-    redis_url = read("REDIS_URL", "redis://127.0.0.1:6379/0", _url("redis://", "rediss://", "redis+socket://", "unix://"))
+    redis_url = read("REDIS_URL", "redis://127.0.0.1:6379/0", _redis_url)
     settings = Settings(
-        database_url=read("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/renderq", _url("postgresql")),
+        database_url=read("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/renderq", _database_url),
         redis_url=redis_url,
-        result_backend=read("CELERY_RESULT_BACKEND", redis_url, _url("redis://", "rediss://", "redis+socket://", "unix://", "db+")),
+        result_backend=read("CELERY_RESULT_BACKEND", redis_url, _result_backend),
         app_env=read("APP_ENV", "development", _choice("development", "production", "test")),
         max_retries=read("MAX_RETRIES", "5", _non_negative_int),
         retry_delays=read("RETRY_DELAYS", "1,5,15,60,300", _delays),
@@ -186,6 +307,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         notify_on_failure=read("NOTIFY_ON_FAILURE", "false", _boolean),
         log_format=read("LOG_FORMAT", "text", _choice("text", "json")),
         job_lease_seconds=read("JOB_LEASE_SECONDS", "30", _positive_float),
+        max_waiting_requests=read("MAX_WAITING_REQUESTS", "2", _non_negative_int),
+        max_event_streams=read("MAX_EVENT_STREAMS", "8", _non_negative_int),
+        event_heartbeat_seconds=read("EVENT_HEARTBEAT_SECONDS", "15", _positive_float),
+        kind_limits=read("KIND_LIMITS", "", _kind_limits),
+        **_tracing(read),
     )
     if settings.max_retries > len(settings.retry_delays):
         raise ConfigError(

@@ -95,6 +95,9 @@ class Job(db.Model):
     # How many times an admin has replayed this failed job (renderq.jobs.replay); each replay
     # is a generation of its own in the ledger, with its own hold and its own capture or release.
     generation: Mapped[int] = mapped_column(default=0, server_default="0")
+    # The W3C traceparent of the request that submitted the job (renderq.tracing): its attempts
+    # and webhook join that trace whichever process sends them. NULL when nothing traced it.
+    trace_parent: Mapped[Optional[str]] = mapped_column(String(64))
     created_at: Mapped[datetime] = _now_column()
     started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
@@ -120,6 +123,7 @@ class Job(db.Model):
         Index("ix_jobs_in_flight", "user_id",
               postgresql_where=text("status = 'processing' OR dispatch_token IS NOT NULL")),
         Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'processing'")),
+        Index("ix_jobs_waiting_since", "created_at", postgresql_where=text("status = 'pending'")),
         Index("ix_jobs_completed_at", "completed_at", postgresql_where=text("completed_at IS NOT NULL")),
         # An admin's replay (renderq.jobs.replay): failed jobs, oldest failure first, in a time window.
         Index("ix_jobs_failed", "completed_at", "id", postgresql_where=text("status = 'failed'")),
@@ -227,6 +231,11 @@ class WorkerHost(db.Model):
     started_at: Mapped[datetime] = _now_column()
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
+    @property
+    def host(self) -> str:
+        """The worker's name (`attempts@host`) without the process: rows are per process."""
+        return self.name.rsplit("/", 1)[0]
+
 
 class SchedulerClock(db.Model):
     """One row: the fair tag of the last job dispatched. New jobs of a user who was idle queue
@@ -235,6 +244,64 @@ class SchedulerClock(db.Model):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     fair_tag: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+# Counters the stats views and /metrics read in constant time (renderq.counters; the triggers
+# that keep job_count_deltas are in the migration that made these tables).
+class JobCount(db.Model):
+    __tablename__ = "job_counts"
+
+    kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(32), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)  # '' unless completed
+    retry_count: Mapped[int] = mapped_column(primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
+class JobCountDelta(db.Model):
+    __tablename__ = "job_count_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[str] = mapped_column(String(16))
+    retry_count: Mapped[int]
+    delta: Mapped[int] = mapped_column(BigInteger)
+
+
+class AttemptTotal(db.Model):
+    __tablename__ = "attempt_totals"
+
+    kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(16), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
+    retry: Mapped[bool] = mapped_column(primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    duration_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class AttemptBucket(db.Model):
+    __tablename__ = "attempt_buckets"
+
+    kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    le_ms: Mapped[int] = mapped_column(primary_key=True)  # -1: longer than the last bound
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
+class AttemptMinute(db.Model):
+    __tablename__ = "attempt_minutes"
+
+    minute: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    le_ms: Mapped[int] = mapped_column(primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
+class CounterWatermark(db.Model):
+    __tablename__ = "counter_watermarks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger)
 
 
 class JobReplay(db.Model):

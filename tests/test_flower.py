@@ -30,6 +30,8 @@ def test_flower_needs_the_login_and_shows_attempts_by_kind(client, make_user, st
         wait_for(lambda: _status(url + "/") == 401, timeout=60, what="Flower to answer")
         assert requests.get(url + "/", auth=CREDENTIALS, timeout=5).status_code == 200
         assert requests.get(url + "/", auth=("ops", "wrong"), timeout=5).status_code == 401
+        assert requests.get(url + "/metrics", timeout=5).status_code == 401  # Prometheus scrapes with the login
+        assert requests.get(url + "/metrics", auth=CREDENTIALS, timeout=5).status_code == 200
 
         _, token = make_user()
         job_id = upload(client, token).get_json()["id"]

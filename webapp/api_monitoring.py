@@ -6,12 +6,12 @@ from typing import Optional
 from flask import Blueprint, Response, g, jsonify, request
 from sqlalchemy import select
 
-from renderq import stats
+from renderq import stats, workers
 from renderq.db import db
 from renderq.errors import NotFound
 from renderq.jobs import control
 from renderq.models import Job, User
-from renderq.runtime import celery_app, redis_client, settings
+from renderq.runtime import redis_client, settings
 from webapp.api import job_json, visible_job
 from webapp.auth import admin_required, login_required
 from webapp.paging import MAX_ID, filtered_by_status, page_of_jobs, whole_number
@@ -27,11 +27,9 @@ def _broker_queue_depth() -> Optional[int]:
         return None
 
 
-def _workers_online() -> Optional[int]:
-    try:
-        return len(celery_app().control.ping(timeout=0.5))
-    except Exception:
-        return None
+def _workers_online() -> int:
+    """Attempts workers whose processes announced themselves alive (renderq.workers)."""
+    return len({process.host for process in workers.live()})
 
 
 @blueprint.get("/api/queue/stats")

@@ -104,6 +104,12 @@ def document() -> dict:
         "/api/jobs/{job_id}": {"get": operation("A job", JOB, "401 403 404", parameters=[JOB_ID])},
         "/api/jobs/{job_id}/result": {"get": operation(
             "A job's rendered image", PNG, "401 403 404 409", parameters=[JOB_ID])},
+        "/api/jobs/{job_id}/events": {"get": operation(
+            "The job's status changes as Server-Sent Events: `event: status`, `data` the job, until it is terminal",
+            {"description": "text/event-stream; reconnect with Last-Event-ID to get what was missed",
+             "content": {"text/event-stream": {"schema": {"type": "string"}}}}, "401 403 404 503",
+            parameters=[JOB_ID, {"name": "Last-Event-ID", "in": "header", "required": False,
+                                 "schema": {"type": "string"}, "description": "the id of the last event seen"}])},
         "/api/jobs/{job_id}/cancel": {"post": operation(
             "Cancel a job that has not finished", JOB, "401 403 404 409", parameters=[JOB_ID])},
         "/api/users/{user_id}/jobs": {"get": operation(

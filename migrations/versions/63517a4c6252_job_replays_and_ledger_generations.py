@@ -5,7 +5,7 @@ becomes (job_id, generation, entry_type), so each generation has its own hold an
 capture or release. Existing rows are generation 0, which is what they were.
 
 Revision ID: 63517a4c6252
-Revises: 694101dc99b8
+Revises: 3c1f7a9d2b40
 Create Date: 2026-11-28 23:15:52.029857
 
 """
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision = '63517a4c6252'
-down_revision = '694101dc99b8'
+down_revision = '3c1f7a9d2b40'
 branch_labels = None
 depends_on = None
 

@@ -19,7 +19,7 @@ from sqlalchemy import BigInteger, Uuid, and_, bindparam, column, func, or_, sel
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from config import Settings
-from renderq import billing, notify
+from renderq import billing, events, notify
 from renderq.db import db
 from renderq.enums import ACTIVE_STATUSES, AttemptOutcome, EntryKind, Outcome, Status
 from renderq.jobs import policy
@@ -97,17 +97,23 @@ def claim_from(row: Any, token: uuid.UUID) -> Claim:
                  getattr(row, "safety_agreed", False), getattr(row, "photo_key", None))
 
 
+def _with_snapshot(*columns: Any) -> tuple:
+    """RETURNING columns: the ones asked for, and the new state that status events carry."""
+    return tuple(dict.fromkeys((*events.SNAPSHOT, *columns)))
+
+
 def guarded_update(job_id: uuid.UUID, guard: Any, values: dict, returning: tuple = (),
                    attempt: Optional[tuple[Claim, AttemptRecord]] = None) -> Any:
-    """One guarded UPDATE (and the attempt's record, if any), committed; the row it returned,
-    or None if the guard did not match."""
+    """One guarded UPDATE (and the attempt's record, if any), committed and announced as a
+    status event; the row it returned, or None if the guard did not match."""
     row = db.session.execute(
         update(Job).where(Job.id == job_id, guard).values(updated_at=func.now(), **values)
-        .returning(Job.id, *returning)
+        .returning(*_with_snapshot(*returning))
     ).first()
     if row is not None and attempt is not None:
         _record(*attempt)
     db.session.commit()
+    events.record([row])
     return row
 
 
@@ -129,7 +135,7 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
         update(Job).where(Job.id == job_id, _leaves(transition), guard)
         .values(status=status, updated_at=func.now(), completed_at=func.now(), lease_token=None,
                 lease_expires_at=None, dispatch_token=None, **values)
-        .returning(Job.id)
+        .returning(*events.SNAPSHOT)
     ).first()
     if won is None:
         db.session.rollback()
@@ -142,6 +148,7 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
     event = notify.event_for(status, values.get("outcome"), settings)
     notification_id = notify.record(job_id, event, settings) if event else None
     db.session.commit()
+    events.record([won])
     return Finished(job_id, status, notification_id)
 
 
@@ -157,26 +164,30 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
                 lease_expires_at=func.now() + timedelta(seconds=lease_seconds), attempt_started_at=func.now(),
                 started_at=func.coalesce(Job.started_at, func.now()), next_retry_at=None, dispatch_token=None,
                 worker_host=worker_host, updated_at=func.now())
-        .returning(Job.id, *CLAIM_COLUMNS,
+        .returning(*_with_snapshot(*CLAIM_COLUMNS),
                    select(User.safety_agreed_at.is_not(None)).where(User.id == Job.user_id)
                    .scalar_subquery().label("safety_agreed"),
                    select(Photo.path).where(Photo.id == Job.photo_id).scalar_subquery().label("photo_key"))
     ).first()
     db.session.commit()
+    events.record([row])
     return claim_from(row, token) if row else None
 
 
-def claim_background_batch(limit: int, settings: Settings) -> list[tuple[uuid.UUID, uuid.UUID, str]]:
+def claim_background_batch(limit: int, settings: Settings) -> list[Any]:
     """The background processor's pick, in the caller's transaction: up to `limit` jobs waiting
     for a background try, retry_count + 1 in one statement, each with the token its message will
-    carry. Returns (job id, token, kind) triples."""
-    candidates = (select(Job.id).where(_leaves("claim_background"), ~policy.background_exhausted(settings))
-                  .order_by(Job.updated_at).limit(limit).with_for_update(skip_locked=True).scalar_subquery())
-    return [tuple(row) for row in db.session.execute(
-        update(Job).where(Job.id.in_(candidates), _leaves("claim_background"))
+    carry. Returns rows of (id, dispatch_token, kind, and the status event's columns)."""
+    # Materialized, so the LIMIT and the row locks apply once: a plain `id IN (SELECT ... LIMIT n
+    # FOR UPDATE SKIP LOCKED)` may be evaluated again per row and claim more than n.
+    picked = (select(Job.id).where(_leaves("claim_background"), ~policy.background_exhausted(settings))
+              .order_by(Job.updated_at).limit(limit).with_for_update(skip_locked=True)
+              .cte("picked").prefix_with("MATERIALIZED"))
+    return list(db.session.execute(
+        update(Job).where(Job.id == picked.c.id, _leaves("claim_background"))
         .values(status=TRANSITIONS["claim_background"].target, retry_count=Job.retry_count + 1,
                 dispatch_token=func.gen_random_uuid(), dispatched_at=func.now(), updated_at=func.now())
-        .returning(Job.id, Job.dispatch_token, Job.kind))]
+        .returning(*_with_snapshot(Job.dispatch_token, Job.kind, Job.trace_parent))))
 
 
 def succeed(claim: Claim, result_key: str, attempt: AttemptRecord, settings: Settings,
@@ -200,16 +211,18 @@ def cancel(job_id: uuid.UUID, settings: Settings) -> Optional[Finished]:
     return _finish(job_id, "cancel", true(), {}, settings)
 
 
-def requeue_failed(job_id: uuid.UUID, fair_tag: int) -> bool:
-    """One failed job back to pending (see requeue_failed_batch); whether it was still failed."""
-    return bool(requeue_failed_batch({job_id: fair_tag}))
+def requeue_failed(job_id: uuid.UUID, fair_tag: int) -> Any:
+    """One failed job back to pending (see requeue_failed_batch): its row, or None if it had
+    not failed."""
+    rows = requeue_failed_batch({job_id: fair_tag})
+    return rows[0] if rows else None
 
 
 def requeue_failed_batch(fair_tags: dict[uuid.UUID, int]) -> list[Any]:
     """An admin's replay: failed jobs back to pending with fresh counters, each queued at its
     fair tag, and on to their next generation (whose hold renderq.billing takes). One guarded
-    UPDATE for them all, in the caller's transaction; the rows (id, user_id, generation, price)
-    of the jobs that were still failed."""
+    UPDATE for them all, in the caller's transaction; the rows of the jobs that were still
+    failed: their status event's columns, user_id, generation and price."""
     if not fair_tags:
         return []
     queued = func.unnest(bindparam("job_ids", list(fair_tags), type_=ARRAY(Uuid)),
@@ -220,7 +233,7 @@ def requeue_failed_batch(fair_tags: dict[uuid.UUID, int]) -> list[Any]:
         .values(status=TRANSITIONS["requeue"].target, attempts=0, retry_count=0, next_retry_at=None,
                 error_code=None, error_detail=None, completed_at=None, started_at=None, dispatch_token=None,
                 dispatched_at=None, fair_tag=queued.c.fair_tag, generation=Job.generation + 1, updated_at=func.now())
-        .returning(Job.id, Job.user_id, Job.generation, Job.price)
+        .returning(*_with_snapshot(Job.user_id, Job.generation, Job.price))
     ).all()
 
 

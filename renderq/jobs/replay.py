@@ -30,7 +30,7 @@ from typing import Any, NoReturn, Optional
 from sqlalchemy import and_, exists, or_, select
 
 from config.kinds import KINDS
-from renderq import billing
+from renderq import billing, events
 from renderq.db import db
 from renderq.enums import EntryKind, Status
 from renderq.errors import Conflict, InsufficientCredits, InvalidInput, NotFound
@@ -321,8 +321,10 @@ def _carry_out(plan: _Plan, spec: ReplayFilter, requested_by: str, admin_id: Opt
     db.session.flush()  # its id and created_at, from RETURNING
     replay_id, created_at = record.id, record.created_at
     db.session.commit()
-    log.info("📋 [QUEUE] replay %d by %s: %d failed job(s) back to pending, %d skipped %s", replay_id, requested_by,
-             len(report.replayed), len(report.skipped), report.skipped_reasons or "")
+    events.record(requeued)
+    reasons = ", ".join("%s %d" % (reason, count) for reason, count in sorted(report.skipped_reasons.items()))
+    log.info("📋 [QUEUE] replay %d by %s: %d failed job(s) back to pending, %d skipped%s", replay_id, requested_by,
+             len(report.replayed), len(report.skipped), " (%s)" % reasons if reasons else "")
     for row in requeued:
         with job_logging(row.id):
             log.info("📋 [QUEUE] job %s replayed (replay %d, generation %d)", row.id, replay_id, row.generation)
