@@ -15,6 +15,7 @@ from webapp import (
     api,
     api_me,
     api_monitoring,
+    api_replays,
     cli,
     errors,
     events,
@@ -36,8 +37,8 @@ def create_app(config: Optional[Mapping[str, str]] = None) -> Flask:
     app.json.sort_keys = False  # resources read in the order docs/api.md lists their fields
     migrate.init_app(app, db, directory=MIGRATIONS)
     errors.register(app)
-    for blueprint in (api.blueprint, api_me.blueprint, api_monitoring.blueprint, events.blueprint, metrics.blueprint,
-                      page.blueprint, openapi.blueprint):
+    for blueprint in (api.blueprint, api_me.blueprint, api_monitoring.blueprint, api_replays.blueprint,
+                      events.blueprint, metrics.blueprint, page.blueprint, openapi.blueprint):
         app.register_blueprint(blueprint)
     cli.register(app)
     app.before_request(_trace_the_job)

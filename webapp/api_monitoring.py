@@ -65,7 +65,7 @@ def background_stats() -> Response:
 def _internal(job: Job, locale: str) -> dict:
     return {**job_resource(job, locale), "error_code": job.error_code, "error_detail": job.error_detail,
             "lease_expires_at": iso(job.lease_expires_at), "dispatched_at": iso(job.dispatched_at),
-            "worker_host": job.worker_host}
+            "worker_host": job.worker_host, "generation": job.generation}
 
 
 @blueprint.get("/api/admin/api-requests")
@@ -84,5 +84,5 @@ def api_requests() -> Response:
 @admin_required
 def retry_job(job_id: str) -> Response:
     job = visible_job(job_id)
-    control.retry_failed(job)
+    control.retry_failed(job, requested_by=g.user.email, admin_id=g.user.id)
     return job_json(db.session.get(Job, job.id, populate_existing=True))

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional
 
-from sqlalchemy import and_, func, null, or_, select, true, update
+from sqlalchemy import BigInteger, Uuid, and_, bindparam, column, func, null, or_, select, true, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from config import Settings
 from renderq import billing, events, notify
@@ -217,16 +218,29 @@ def cancel(job_id: uuid.UUID, settings: Settings) -> Optional[Finished]:
 
 
 def requeue_failed(job_id: uuid.UUID, fair_tag: int) -> Any:
-    """An admin's retry: a failed job goes back to pending with fresh counters, queued at
-    `fair_tag`. Its hold was released when it failed and is not taken again, so the retry is
-    free for the user. Runs in the caller's transaction; the row for its status event, or None."""
+    """One failed job back to pending (see requeue_failed_batch): its row, or None if it had
+    not failed."""
+    rows = requeue_failed_batch({job_id: fair_tag})
+    return rows[0] if rows else None
+
+
+def requeue_failed_batch(fair_tags: dict[uuid.UUID, int]) -> list[Any]:
+    """An admin's replay: failed jobs back to pending with fresh counters, each queued at its
+    fair tag, and on to their next generation (whose hold renderq.billing takes). One guarded
+    UPDATE for them all, in the caller's transaction; the rows of the jobs that were still
+    failed: their status event's columns, user_id, generation and price."""
+    if not fair_tags:
+        return []
+    queued = func.unnest(bindparam("job_ids", list(fair_tags), type_=ARRAY(Uuid)),
+                         bindparam("fair_tags", list(fair_tags.values()), type_=ARRAY(BigInteger))
+                         ).table_valued(column("job_id", Uuid), column("fair_tag", BigInteger)).render_derived("queued")
     return db.session.execute(
-        update(Job).where(Job.id == job_id, _leaves("requeue"))
+        update(Job).where(Job.id == queued.c.job_id, _leaves("requeue"))
         .values(status=TRANSITIONS["requeue"].target, attempts=0, retry_count=0, next_retry_at=None,
                 error_code=None, error_detail=None, completed_at=None, started_at=None, dispatch_token=None,
-                dispatched_at=None, fair_tag=fair_tag, updated_at=func.now())
-        .returning(*events.SNAPSHOT)
-    ).first()
+                dispatched_at=None, fair_tag=queued.c.fair_tag, generation=Job.generation + 1, updated_at=func.now())
+        .returning(*_with_snapshot(Job.user_id, Job.generation, Job.price))
+    ).all()
 
 
 def record_transient_failure(claim: Claim, error_code: str, detail: str, attempt: AttemptRecord,

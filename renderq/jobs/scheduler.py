@@ -53,9 +53,19 @@ def weight(max_inflight: Optional[int]) -> int:
 
 def next_tag(user: User) -> int:
     """The fair tag of a job `user` (locked by the caller) submits now; moves the user's tag on."""
+    return next_tags(user, 1)[0]
+
+
+def next_tags(user: User, count: int) -> list[int]:
+    """The fair tags of `count` jobs `user` (locked by the caller) queues now, one after the
+    other (an admin's replay queues many at once); moves the user's tag on past the last."""
     clock = db.session.execute(select(SchedulerClock.fair_tag).where(SchedulerClock.id == 1)).scalar() or 0
-    user.fair_tag = max(user.fair_tag, clock) + TAG_STEP // weight(user.max_inflight)
-    return user.fair_tag
+    step = TAG_STEP // weight(user.max_inflight)
+    start = max(user.fair_tag, clock)
+    tags = [start + step * (number + 1) for number in range(count)]
+    if tags:
+        user.fair_tag = tags[-1]
+    return tags
 
 
 def user_cap(max_inflight: Optional[int], generator_cap: int) -> Optional[int]:
