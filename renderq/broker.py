@@ -12,6 +12,7 @@ from typing import Optional
 
 from sqlalchemy import select
 
+import celeryconfig
 from config.kinds import get_kind
 from renderq.db import db
 from renderq.enums import TERMINAL_STATUSES
@@ -25,11 +26,24 @@ BACKGROUND_RUNS_KEY = "renderq:background-processor-runs"
 ATTEMPT_TASK = "renderq.jobs.attempt"
 DELIVER_TASK = "renderq.notifications.deliver"
 
+# A publish gives up after this long without the broker's confirmation (RabbitMQ stops reading
+# from publishers during a memory or disk alarm): the caller moves on and the reconciler sends
+# the message again, rather than an API request hanging on the broker.
+PUBLISH_TIMEOUT = {"timeout": 5, "confirm_timeout": 5}
+
+
+def timer_countdown(seconds: float) -> float:
+    """The countdown of one timer message for a wait of `seconds`: never longer than
+    celeryconfig.LONGEST_TIMER_SECONDS, because a worker holds it unacknowledged until it is due
+    (RabbitMQ's consumer_timeout, Redis's visibility timeout). A timer that arrives before its
+    job's retry is due is set again for the rest (renderq.jobs.scheduler.retry_due)."""
+    return min(seconds, celeryconfig.LONGEST_TIMER_SECONDS)
+
 
 def _send(name: str, **options: object) -> None:
     # Status lives in PostgreSQL: nobody waits on a Celery result, so none is subscribed to
     # (send_task would otherwise open a result-backend subscription for every message).
-    celery_app().send_task(name, ignore_result=True, **options)
+    celery_app().send_task(name, ignore_result=True, **PUBLISH_TIMEOUT, **options)
 
 
 def publish_attempt(job_id: uuid.UUID, ticket: uuid.UUID, kind: str) -> None:
@@ -44,11 +58,36 @@ def publish_attempt(job_id: uuid.UUID, ticket: uuid.UUID, kind: str) -> None:
 def publish_timer(job_id: uuid.UUID, kind: str, countdown: float) -> None:
     """A message without a ticket, due in `countdown` seconds: when it arrives the job's retry
     is due and the scheduler sends it an attempt as soon as a slot is free."""
-    _send(ATTEMPT_TASK, args=[str(job_id)], kwargs={"kind": kind}, task_id=str(job_id), countdown=countdown)
+    _send(ATTEMPT_TASK, args=[str(job_id)], kwargs={"kind": kind}, task_id=str(job_id),
+          countdown=timer_countdown(countdown))
 
 
 def publish_delivery(notification_id: int, countdown: Optional[float] = None) -> None:
     _send(DELIVER_TASK, args=[notification_id], countdown=countdown)
+
+
+def queue_depth(queue: str = celeryconfig.ATTEMPTS_QUEUE) -> int:
+    """Messages waiting in `queue` on the broker in use, Redis or RabbitMQ: a passive declare
+    (it creates nothing) answers with the count on both. A queue nobody has declared yet holds
+    nothing. Raises when the broker cannot be reached."""
+    with celery_app().connection_for_read() as connection:
+        connection.ensure_connection(max_retries=0)  # one try: a monitoring read must not wait
+        channel = connection.channel()
+        try:
+            return channel.queue_declare(queue=queue, passive=True).message_count
+        except connection.channel_errors as error:
+            if str(getattr(error, "reply_code", "")) == "404":  # NOT_FOUND
+                return 0
+            raise
+        finally:
+            _close_quietly(channel)
+
+
+def _close_quietly(channel: object) -> None:
+    try:
+        channel.close()  # type: ignore[attr-defined]
+    except Exception:  # a channel the broker already closed (after NOT_FOUND, on RabbitMQ)
+        pass
 
 
 def finished_channel(job_id: uuid.UUID) -> str:
