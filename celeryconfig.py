@@ -82,6 +82,9 @@ def from_settings(settings: Settings) -> dict:
         broker_connection_timeout=2,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         broker_transport_options=broker_transport_options(settings),
+        # amqps://: check the server's certificate against the host name too (by default kombu
+        # checks the chain only); a private CA comes in through SSL_CERT_FILE.
+        broker_use_ssl={"server_hostname": None} if settings.broker_url.startswith("amqps://") else None,
         # On RabbitMQ: durable classic queues and persistent messages survive a broker restart.
         # Not quorum queues: Celery's ETA (the ladder's countdowns) on quorum queues needs native
         # delayed delivery; classic queues keep the worker-side ETA that Redis uses too.

@@ -105,6 +105,18 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
+def _verified_tls(parse: Callable[[str], str]) -> Callable[[str], str]:
+    """A rediss:// URL must say how to check the server's certificate: without ssl_cert_reqs, kombu
+    would connect without checking it (and Celery's Redis result backend refuses to start)."""
+    def check(raw: str) -> str:
+        raw = parse(raw)
+        if raw.startswith("rediss://") and not re.search(r"[?&]ssl_cert_reqs=", raw):
+            raise ValueError("a rediss:// URL needs ?ssl_cert_reqs=required (or optional, or none)")
+        return raw
+
+    return check
+
+
 def _optional(parse: Callable[[str], str]) -> Callable[[str], str]:
     return lambda raw: parse(raw) if raw else raw
 
@@ -197,13 +209,13 @@ class Settings:
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     read = _Reader(os.environ if environ is None else environ)
-    redis_url = read("REDIS_URL", "redis://127.0.0.1:6379/0", _url(*REDIS_SCHEMES))
+    redis_url = read("REDIS_URL", "redis://127.0.0.1:6379/0", _verified_tls(_url(*REDIS_SCHEMES)))
     settings = Settings(
         database_url=read("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/renderq", _url("postgresql")),
         redis_url=redis_url,
-        broker_url=read("BROKER_URL", redis_url, _url(*BROKER_SCHEMES)),
+        broker_url=read("BROKER_URL", redis_url, _verified_tls(_url(*BROKER_SCHEMES))),
         broker_sentinel_master=read("BROKER_SENTINEL_MASTER", "", str),
-        result_backend=read("CELERY_RESULT_BACKEND", redis_url, _url(*REDIS_SCHEMES, "db+")),
+        result_backend=read("CELERY_RESULT_BACKEND", redis_url, _verified_tls(_url(*REDIS_SCHEMES, "db+"))),
         app_env=read("APP_ENV", "development", _choice("development", "production", "test")),
         max_retries=read("MAX_RETRIES", "5", _non_negative_int),
         retry_delays=read("RETRY_DELAYS", "1,5,15,60,300", _delays),
