@@ -13,7 +13,7 @@ import requests
 
 from tests.conftest import BASE_DATABASE_URL, Stack, png_bytes
 from tests.support import (
-    BIN, PrivateRedis, Process, create_database, drop_database, free_port, wait_for, wait_for_health,
+    BIN, PrivateRedis, Process, create_database, drop_database, free_port, wait_for_health,
 )
 
 PASSWORD = "pw-" + secrets.token_hex(12)
