@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Optional
 
+import redis
 from sqlalchemy import select
 
 import celeryconfig
@@ -113,7 +114,8 @@ def _status(job_id: uuid.UUID) -> str:
 
 def wait_until_terminal(job_id: uuid.UUID, seconds: float) -> None:
     """Return when the job is terminal or after `seconds`, whichever is first: it listens on
-    the channel `announce` publishes to, holding no database connection and not polling."""
+    the channel `announce` publishes to, holding no database connection and not polling. With
+    Redis unreachable it returns at once: the caller answers with the job as it is."""
     pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
     try:
         pubsub.subscribe(finished_channel(job_id))  # before reading, so no finish slips between
@@ -123,5 +125,16 @@ def wait_until_terminal(job_id: uuid.UUID, seconds: float) -> None:
         while (remaining := deadline - time.monotonic()) > 0:
             if pubsub.get_message(timeout=min(remaining, 1.0)) is not None:
                 return
+    except redis.RedisError:  # the job is accepted all the same: no reason to fail its answer
+        log.warning("📋 [QUEUE] job %s: Redis is unreachable, so Prefer: wait does not wait", job_id,
+                    exc_info=True, extra={"job_id": str(job_id)})
     finally:
         pubsub.close()
+
+
+def count_background_run() -> None:
+    """One more background-processor sweep, for /metrics: best effort, the sweep runs without it."""
+    try:
+        redis_client().incr(BACKGROUND_RUNS_KEY)
+    except redis.RedisError:
+        log.warning("🔁 [BACKGROUND] Redis is unreachable: this sweep is not counted", exc_info=True)

@@ -63,9 +63,14 @@ class Process:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(10)
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """SIGTERM the group and return: stop() waits (so several can shut down at once)."""
         if self.popen and self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGTERM)
+
+    def stop(self) -> None:
+        if self.popen and self.popen.poll() is None:
+            self.terminate()
             try:
                 self.popen.wait(20)
             except subprocess.TimeoutExpired:

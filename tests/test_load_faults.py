@@ -70,6 +70,7 @@ def test_messages_lost_while_the_broker_lives_on_are_published_again(app, client
         sent = wait_for(lambda: (lambda count: count if count and waiting_in_broker() == count else None)(
             _dispatched(app, jobs)), timeout=10, what="attempt messages waiting in the broker")
         assert purge_attempts_queue(celery) == sent  # the messages are lost; the broker lives on
+        print("%d attempt messages purged under %d jobs" % (sent, len(jobs)))
         assert waiting_in_broker() == 0
     finally:  # a fresh worker: add_consumer would not survive the worker's next reconnect
         stack.worker.stop()

@@ -9,6 +9,7 @@ module's `stack_env`, `app` and `stack`.
 """
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +17,9 @@ from typing import Iterator
 import pytest
 import redis
 
-from tests.conftest import BASE_DATABASE_URL, Stack, check_for_leaks, generator_calls, upload, wait_terminal
+from tests.conftest import (
+    BASE_DATABASE_URL, Stack, check_for_leaks, generator_calls, png_bytes, upload, wait_terminal,
+)
 from tests.support import (
     PrivateRabbitMQ, PrivateRedis, attempts_worker, create_database, drop_database, unreachable, wait_for,
 )
@@ -95,6 +98,20 @@ def test_readyz_checks_rabbitmq_and_redis_beside_it(app, client, stack_env, stac
     # the messages go through RabbitMQ: Redis holds no Celery queue nor kombu's bindings
     keys = redis.Redis.from_url(stack_env["REDIS_URL"]).keys("*")
     assert not [key for key in keys if key == b"celery" or key.startswith((b"_kombu", b"unacked"))], keys
+
+
+def test_with_redis_away_a_submission_is_accepted_and_prefer_wait_does_not_wait(client, user, stack_env, generator):
+    from webapp import create_app
+
+    _, token = user
+    no_redis = create_app({**stack_env, "REDIS_URL": unreachable(stack_env["REDIS_URL"])}).test_client()
+    started = time.monotonic()
+    response = no_redis.post("/api/photos", headers={**_auth(token), "Prefer": "wait=20"},
+                             data={"file": (io.BytesIO(png_bytes()), "photo.png"), "prompt": "[slow:3000]"},
+                             content_type="multipart/form-data")
+    assert response.status_code == 202 and time.monotonic() - started < 3  # sent through RabbitMQ, not waited on
+    job = wait_terminal(client, token, response.get_json()["id"])
+    assert (job["status"], job["attempts"], generator_calls(generator, job["id"])["calls"]) == ("completed", 1, 1)
 
 
 def _all_succeed_once(client, token: str, job_ids: list[str], generator: str, most_calls: int) -> None:

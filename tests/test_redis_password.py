@@ -51,8 +51,9 @@ def system(stack_env, tmp_path_factory) -> Iterator[PasswordSystem]:
         wait_for_health(web_url, timeout=30, what="gunicorn")
         yield PasswordSystem(env, web_url, log_dir)
     finally:
-        web.stop()
+        web.terminate()
         stack.stop()
+        web.stop()
         drop_database(database)
         server.process.kill()
 

@@ -14,7 +14,7 @@ from renderq.jobs.attempt import record_transient
 from renderq.jobs.lifecycle import AttemptRecord
 from renderq.logs import job_logging
 from renderq.models import IdempotencyKey, Job, Photo
-from renderq.runtime import redis_client, settings
+from renderq.runtime import settings
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def process_background() -> int:
     """The background tier: fail what is too old or out of tries, then send up to the free
     background slots their next try; returns how many were sent."""
     config = settings()
-    redis_client().incr(broker.BACKGROUND_RUNS_KEY)
+    broker.count_background_run()
     for finished in lifecycle.expire_background(config):
         with job_logging(finished.job_id):
             log.info("🔁 [BACKGROUND] job %s failed: past the age limit or out of tries", finished.job_id)
