@@ -21,7 +21,8 @@ from tests.conftest import (
     BASE_DATABASE_URL, Stack, check_for_leaks, generator_calls, png_bytes, upload, wait_terminal,
 )
 from tests.support import (
-    PrivateRabbitMQ, PrivateRedis, attempts_worker, create_database, drop_database, unreachable, wait_for,
+    PrivateRabbitMQ, PrivateRedis, attempts_worker, create_database, drop_database, purge_attempts_queue, unreachable,
+    wait_for,
 )
 from tests.test_faults import (  # noqa: F401  (collected again, on RabbitMQ)
     test_a_message_delivered_twice_runs_the_attempt_once,
@@ -166,6 +167,7 @@ def test_rabbitmq_restarting_without_its_data_under_sent_messages_loses_no_job(
     # the worker stays up (its slots count) but takes nothing from the queue for a while
     assert celery.control.cancel_consumer("celery", destination=[attempts_worker(celery)], reply=True)
     try:
+        purge_attempts_queue(celery)  # what earlier tests left behind (stale messages that would step aside)
         job_ids = [upload(client, token).get_json()["id"] for _ in range(5)]
         with app.app_context():
             # the scheduler sent messages for the worker's two free slots; three jobs wait in PostgreSQL
