@@ -200,24 +200,57 @@ def _redacted(raw: str) -> str:
     return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", raw)
 
 
+def _optional(parse: Callable[[str], str]) -> Callable[[str], str]:
+    return lambda raw: parse(raw) if raw else raw
+
+
+# What Celery may use as the broker: Redis (or Redis behind Sentinel) or RabbitMQ over AMQP 0-9-1.
+BROKER_SCHEMES = ("redis://", "rediss://", "redis+socket://", "sentinel://", "amqp://", "amqps://", "pyamqp://")
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
+
+
+def _bucket_name(raw: str) -> str:
+    if raw and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", raw):
+        raise ValueError("must be an S3 bucket name: 3 to 63 lowercase letters, digits, dots and hyphens")
+    return raw
+
+
+def _region(raw: str) -> str:
+    if raw and not re.fullmatch(r"[a-z0-9-]+", raw):
+        raise ValueError("must be a region name such as eu-west-1")
+    return raw
+
+
+def _broker_url(raw: str) -> str:
+    """Redis (read as REDIS_URL is), Redis behind Sentinel, or RabbitMQ."""
+    if raw.startswith(("sentinel://", *AMQP_SCHEMES)):
+        return raw
+    if not raw.startswith(REDIS_SCHEMES):
+        raise ValueError("must start with " + " or ".join(BROKER_SCHEMES))
+    return _redis_url(raw)
+
+
 class _Reader:
     def __init__(self, environ: Mapping[str, str]):
         self.environ = environ
 
-    def __call__(self, name: str, default: str, parse: Callable[[str], T]) -> T:
+    def __call__(self, name: str, default: str, parse: Callable[[str], T], secret: bool = False) -> T:
         raw = self.environ.get(name)
         if raw is None or raw == "":
             raw = default
         try:
             return parse(raw)
         except ValueError as error:
-            raise ConfigError("%s=%r is invalid: %s" % (name, _redacted(raw), error)) from None
+            shown = "(the value is secret: not shown)" if secret else repr(_redacted(raw))
+            raise ConfigError("%s=%s is invalid: %s" % (name, shown, error)) from None
 
 
 @dataclass(frozen=True)
 class Settings:
     database_url: str
     redis_url: str
+    broker_url: str
+    broker_sentinel_master: str
     result_backend: str
     app_env: str
     max_retries: int
@@ -238,6 +271,9 @@ class Settings:
     flower_basic_auth: str
     storage_backend: str
     media_root: str
+    s3_bucket: str
+    s3_endpoint_url: str
+    s3_region: str
     max_upload_bytes: int
     default_locale: str
     notify_on_failure: bool
@@ -255,6 +291,11 @@ class Settings:
     @property
     def production(self) -> bool:
         return self.app_env == "production"
+
+    @property
+    def broker_is_amqp(self) -> bool:
+        """RabbitMQ (or another AMQP 0-9-1 broker) rather than Redis."""
+        return self.broker_url.startswith(AMQP_SCHEMES)
 
     def retry_delay(self, retry_number: int) -> float:
         """Seconds to wait before fast-ladder retry number `retry_number` (1-based)."""
@@ -284,6 +325,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(
         database_url=read("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/renderq", _database_url),
         redis_url=redis_url,
+        broker_url=read("BROKER_URL", redis_url, _broker_url),
+        broker_sentinel_master=read("BROKER_SENTINEL_MASTER", "", str),
         result_backend=read("CELERY_RESULT_BACKEND", redis_url, _result_backend),
         app_env=read("APP_ENV", "development", _choice("development", "production", "test")),
         max_retries=read("MAX_RETRIES", "5", _non_negative_int),
@@ -298,12 +341,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_retry_attempts=read("MAX_RETRY_ATTEMPTS", "3", _non_negative_int),
         generator_url=read("GENERATOR_URL", "http://127.0.0.1:5001", _url("http://", "https://")).rstrip("/"),
         generator_max_inflight=read("GENERATOR_MAX_INFLIGHT", "0", _non_negative_int),
-        webhook_secret=read("WEBHOOK_SECRET", "", _webhook_secret),
+        webhook_secret=read("WEBHOOK_SECRET", "", _webhook_secret, secret=True),
         webhook_allowed_networks=read("WEBHOOK_ALLOWED_NETWORKS", "", _networks),
         webhook_retry_delays=read("WEBHOOK_RETRY_DELAYS", "1,2,4,8,16,32,64", _delays),
-        flower_basic_auth=read("FLOWER_BASIC_AUTH", "", _credentials),
-        storage_backend=read("STORAGE_BACKEND", "postgres", _choice("postgres", "filesystem")),
+        flower_basic_auth=read("FLOWER_BASIC_AUTH", "", _credentials, secret=True),
+        storage_backend=read("STORAGE_BACKEND", "postgres", _choice("postgres", "filesystem", "s3")),
         media_root=os.path.abspath(read("MEDIA_ROOT", "var/media", str)),
+        s3_bucket=read("S3_BUCKET", "", _bucket_name),
+        s3_endpoint_url=read("S3_ENDPOINT_URL", "", _optional(_url("http://", "https://"))),
+        s3_region=read("S3_REGION", "", _region),
         max_upload_bytes=read("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024), _positive_int),
         default_locale=read("DEFAULT_LOCALE", "en", _choice("en", "ru")),
         notify_on_failure=read("NOTIFY_ON_FAILURE", "false", _boolean),
@@ -320,4 +366,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "RETRY_DELAYS has %d delays but MAX_RETRIES=%d needs one per retry"
             % (len(settings.retry_delays), settings.max_retries)
         )
+    if settings.broker_url.startswith("sentinel://") and not settings.broker_sentinel_master:
+        raise ConfigError("BROKER_URL is a sentinel:// URL: set BROKER_SENTINEL_MASTER to the name of the "
+                          "Redis master the Sentinels watch")
+    if settings.storage_backend == "s3" and not settings.s3_bucket:
+        raise ConfigError("STORAGE_BACKEND=s3 needs S3_BUCKET, the bucket that keeps uploads and results")
     return settings

@@ -9,14 +9,16 @@ import logging
 import uuid
 from typing import Optional
 
+import redis
 from sqlalchemy import select
 
+import celeryconfig
 from config.kinds import get_kind
 from renderq import tracing
 from renderq.db import db
 from renderq.jobs.lifecycle import Finished
 from renderq.models import Job, Notification
-from renderq.runtime import celery_app
+from renderq.runtime import celery_app, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +26,25 @@ BACKGROUND_RUNS_KEY = "renderq:background-processor-runs"
 ATTEMPT_TASK = "renderq.jobs.attempt"
 DELIVER_TASK = "renderq.notifications.deliver"
 
+# A publish gives up after this long without the broker's confirmation (RabbitMQ stops reading
+# from publishers during a memory or disk alarm): the caller moves on and the reconciler sends
+# the message again, rather than an API request hanging on the broker.
+PUBLISH_TIMEOUT = {"timeout": 5, "confirm_timeout": 5}
+
+
+def timer_countdown(seconds: float) -> float:
+    """The countdown of one timer message for a wait of `seconds`: never longer than
+    celeryconfig.LONGEST_TIMER_SECONDS, because a worker holds it unacknowledged until it is due
+    (RabbitMQ's consumer_timeout, Redis's visibility timeout). A timer that arrives before its
+    job's retry is due is set again for the rest (renderq.jobs.scheduler.retry_due)."""
+    return min(seconds, celeryconfig.LONGEST_TIMER_SECONDS)
+
 
 def _send(name: str, job_id: Optional[uuid.UUID], trace_parent: Optional[str], **options: object) -> None:
     # Status lives in PostgreSQL: nobody waits on a Celery result, so none is subscribed to
     # (send_task would otherwise open a result-backend subscription for every message).
     with tracing.job_context(job_id, trace_parent):  # the message joins its job's trace
-        celery_app().send_task(name, ignore_result=True, **options)
+        celery_app().send_task(name, ignore_result=True, **PUBLISH_TIMEOUT, **options)
 
 
 def _stored_trace_parent(job_id: uuid.UUID) -> Optional[str]:
@@ -53,7 +68,7 @@ def publish_timer(job_id: uuid.UUID, kind: str, countdown: float) -> None:
     """A message without a ticket, due in `countdown` seconds: when it arrives the job's retry
     is due and the scheduler sends it an attempt as soon as a slot is free."""
     _send(ATTEMPT_TASK, job_id, _stored_trace_parent(job_id), args=[str(job_id)], kwargs={"kind": kind},
-          task_id=str(job_id), countdown=countdown)
+          task_id=str(job_id), countdown=timer_countdown(countdown))
 
 
 def publish_delivery(notification_id: int, countdown: Optional[float] = None) -> None:
@@ -66,6 +81,30 @@ def publish_delivery(notification_id: int, countdown: Optional[float] = None) ->
     _send(DELIVER_TASK, job_id, trace_parent, args=[notification_id], countdown=countdown)
 
 
+def queue_depth(queue: str = celeryconfig.ATTEMPTS_QUEUE) -> int:
+    """Messages waiting in `queue` on the broker in use, Redis or RabbitMQ: a passive declare
+    (it creates nothing) answers with the count on both. A queue nobody has declared yet holds
+    nothing. Raises when the broker cannot be reached."""
+    with celery_app().connection_for_read() as connection:
+        connection.ensure_connection(max_retries=0)  # one try: a monitoring read must not wait
+        channel = connection.channel()
+        try:
+            return channel.queue_declare(queue=queue, passive=True).message_count
+        except connection.channel_errors as error:
+            if str(getattr(error, "reply_code", "")) == "404":  # NOT_FOUND
+                return 0
+            raise
+        finally:
+            _close_quietly(channel)
+
+
+def _close_quietly(channel: object) -> None:
+    try:
+        channel.close()  # type: ignore[attr-defined]
+    except Exception:  # a channel the broker already closed (after NOT_FOUND, on RabbitMQ)
+        pass
+
+
 def announce(finished: Finished) -> None:
     """After a job's terminal commit: send its webhook. Best effort: the reconciler re-sends
     undelivered webhooks."""
@@ -75,3 +114,11 @@ def announce(finished: Finished) -> None:
         publish_delivery(finished.notification_id)
     except Exception:
         log.warning("📋 [QUEUE] job %s finished but its webhook could not be sent now", finished.job_id, exc_info=True)
+
+
+def count_background_run() -> None:
+    """One more background-processor sweep, for /metrics: best effort, the sweep runs without it."""
+    try:
+        redis_client().incr(BACKGROUND_RUNS_KEY)
+    except redis.RedisError:
+        log.warning("🔁 [BACKGROUND] Redis is unreachable: this sweep is not counted", exc_info=True)

@@ -14,6 +14,8 @@ import time
 from datetime import datetime
 from typing import Any, Callable, Iterable
 
+import redis
+
 from renderq.enums import TERMINAL_STATUSES
 from renderq.models import Job
 from renderq.runtime import redis_client
@@ -85,11 +87,14 @@ def is_terminal(state: dict) -> bool:
 def wait_until_terminal(job_id: object, seconds: float, read_status: Callable[[], str]) -> None:
     """Return when the job is terminal or after `seconds`, whichever comes first. The stream's
     position is taken before the status is read, so no finish can slip between the two."""
-    last_id = latest_id(job_id)
-    if read_status() in TERMINAL_STATUSES:
-        return
-    deadline = time.monotonic() + seconds
-    while (remaining := deadline - time.monotonic()) > 0:
-        for last_id, state in wait(job_id, last_id, min(remaining, 5.0)):
-            if is_terminal(state):
-                return
+    try:
+        last_id = latest_id(job_id)
+        if read_status() in TERMINAL_STATUSES:
+            return
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            for last_id, state in wait(job_id, last_id, min(remaining, 5.0)):
+                if is_terminal(state):
+                    return
+    except redis.RedisError:  # the job is accepted all the same: answer with it as it is
+        log.warning("📋 [QUEUE] job %s: Redis is unreachable, so Prefer: wait does not wait", job_id, exc_info=True)

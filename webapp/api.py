@@ -8,7 +8,7 @@ from typing import Callable, Optional
 from flask import Blueprint, Response, g, jsonify, request, send_file
 from sqlalchemy import select, text
 
-from renderq import events, storage
+from renderq import broker, events, storage
 from renderq.db import db
 from renderq.enums import TERMINAL_STATUSES, Outcome
 from renderq.errors import Conflict, InvalidInput, NotFound
@@ -197,11 +197,16 @@ def _down(check: Callable[[], object]) -> Optional[str]:
 
 @blueprint.get("/readyz")
 def readyz() -> Response:
+    config = settings()
     checks = {
         "database": _down(lambda: db.session.execute(text("SELECT 1"))),
-        "broker": _down(lambda: redis_client().ping()),
+        "broker": _down(broker.queue_depth),  # the broker in use, Redis or RabbitMQ
     }
     db.session.rollback()
+    if config.broker_url != config.redis_url:  # Redis is still needed: `Prefer: wait`, counters
+        checks["redis"] = _down(lambda: redis_client().ping())
+    if config.storage_backend == "s3":
+        checks["storage"] = _down(lambda: storage.storage().check())  # the bucket, with these credentials
     ready = not any(checks.values())
     response = jsonify({"status": "ready" if ready else "not ready",
                         "checks": {name: problem or "ok" for name, problem in checks.items()}})

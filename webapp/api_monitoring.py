@@ -6,12 +6,12 @@ from typing import Optional
 from flask import Blueprint, Response, g, jsonify, request
 from sqlalchemy import select
 
-from renderq import stats, workers
+from renderq import broker, stats, workers
 from renderq.db import db
 from renderq.errors import NotFound
 from renderq.jobs import control
 from renderq.models import Job, User
-from renderq.runtime import redis_client, settings
+from renderq.runtime import settings
 from webapp.api import job_json, visible_job
 from webapp.auth import admin_required, login_required
 from webapp.paging import MAX_ID, filtered_by_status, page_of_jobs, whole_number
@@ -22,7 +22,7 @@ blueprint = Blueprint("monitoring", __name__)
 
 def _broker_queue_depth() -> Optional[int]:
     try:
-        return int(redis_client().llen("celery"))
+        return broker.queue_depth()
     except Exception:  # the broker is down: say so with null rather than fail the whole view
         return None
 

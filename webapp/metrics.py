@@ -1,4 +1,4 @@
-"""GET /metrics: Prometheus text, read at scrape time from PostgreSQL and Redis.
+"""GET /metrics: Prometheus text, read at scrape time from PostgreSQL, the broker and Redis.
 
 Nothing is counted in process memory, so the figures are the same whichever gunicorn worker
 answers and however many Celery processes on however many hosts did the work. Every query
@@ -21,7 +21,7 @@ from prometheus_client.core import (
 from sqlalchemy import func, select
 
 from renderq import counters, workers
-from renderq.broker import BACKGROUND_RUNS_KEY
+from renderq.broker import BACKGROUND_RUNS_KEY, queue_depth
 from renderq.db import db
 from renderq.enums import Status
 from renderq.jobs.maintenance import LAST_RUN_KEY, MAINTENANCE_TASKS
@@ -111,16 +111,22 @@ class RenderqCollector:
         yield durations
 
     def _broker(self) -> Iterator:
+        # Each series is absent while what it reads is down (/readyz says which).
         try:
-            client = redis_client()
-            depth, runs = client.llen("celery"), int(client.get(BACKGROUND_RUNS_KEY) or 0)
-            last_runs = client.mget([LAST_RUN_KEY % task for task in MAINTENANCE_TASKS])
+            depth = queue_depth()  # the broker in use, Redis or RabbitMQ
         except Exception:  # the broker is down: /readyz says so; here its series are just absent
             log.warning("❌ [ERROR_HANDLER] /metrics could not read the broker", exc_info=True)
+        else:
+            queue = GaugeMetricFamily("renderq_broker_queue_depth", "Messages waiting in the attempts queue")
+            queue.add_metric([], depth)
+            yield queue
+        try:
+            client = redis_client()
+            runs = int(client.get(BACKGROUND_RUNS_KEY) or 0)
+            last_runs = client.mget([LAST_RUN_KEY % task for task in MAINTENANCE_TASKS])
+        except Exception:
+            log.warning("❌ [ERROR_HANDLER] /metrics could not read Redis", exc_info=True)
             return
-        queue = GaugeMetricFamily("renderq_broker_queue_depth", "Messages waiting in the attempts queue")
-        queue.add_metric([], depth)
-        yield queue
         background = CounterMetricFamily("renderq_background_processor_runs", "Background processor sweeps run")
         background.add_metric([], runs)
         yield background

@@ -74,7 +74,9 @@ SCHEMAS = {
     }),
     "Health": obj({"status": STRING}),
     "Readiness": obj({"status": {"type": "string", "enum": ["ready", "not ready"]},
-                      "checks": obj({"database": STRING, "broker": STRING})}),
+                      # `redis` when the broker is not REDIS_URL; `storage` with STORAGE_BACKEND=s3
+                      "checks": obj({"database": STRING, "broker": STRING, "redis": STRING, "storage": STRING},
+                                    required=["database", "broker"])}),
 }
 
 INTERNAL_JOB = obj({**SCHEMAS["Job"]["properties"], "error_code": nullable(STRING),

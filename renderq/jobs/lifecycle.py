@@ -15,7 +15,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional
 
-from sqlalchemy import BigInteger, Uuid, and_, bindparam, column, func, null, or_, select, true, update
+from sqlalchemy import (
+    BigInteger,
+    Uuid,
+    and_,
+    bindparam,
+    column,
+    func,
+    null,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from config import Settings

@@ -37,7 +37,7 @@ def process_background() -> int:
     background slots their next try; returns how many were sent."""
     config = settings()
     _ran("background")
-    redis_client().incr(broker.BACKGROUND_RUNS_KEY)
+    broker.count_background_run()
     expired = 0
     for finished in lifecycle.expire_background(config):
         with job_logging(finished.job_id):
