@@ -29,7 +29,6 @@ def test_defaults_are_the_spec():
     ("DATABASE_URL", "mysql://x"), ("REDIS_URL", "http://x"), ("DEFAULT_LOCALE", "de"),
     ("BROKER_URL", "http://x"), ("BROKER_URL", "kafka://x"), ("STORAGE_BACKEND", "gcs"),
     ("S3_BUCKET", "Not_A_Bucket"), ("S3_ENDPOINT_URL", "ftp://x"), ("S3_REGION", "EU West"),
-    ("REDIS_URL", "rediss://cache:6380/0"), ("BROKER_URL", "rediss://cache:6380/0"),
 ])
 def test_a_bad_value_names_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
@@ -98,7 +97,9 @@ def test_celery_reliability_settings_take_effect(app):
     celery = app.extensions["celery"]
     conf = celery.conf
     assert (conf.task_serializer, conf.result_serializer, list(conf.accept_content)) == ("json", "json", ["json"])
-    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    # one message per process for prefork; room for twice the threads of a threads pool (see celeryconfig)
+    assert conf.worker_prefetch_multiplier == (1 if conf.worker_pool == "prefork" else 2)
     assert conf.broker_connection_retry_on_startup
     settings = app.extensions["renderq.settings"]
     assert conf.worker_concurrency == settings.concurrent_jobs == 3  # CONCURRENT_JOBS, without a command-line flag
@@ -158,7 +159,9 @@ def test_celery_on_rabbitmq_keeps_the_same_guarantees(tmp_path):
     # publisher confirms; none of Redis's options (no visibility timeout on RabbitMQ)
     assert conf.broker_transport_options == {"confirm_publish": True}
     assert (conf.task_serializer, list(conf.accept_content)) == ("json", ["json"])
-    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    # one message per process for prefork; room for twice the threads of a threads pool (see celeryconfig)
+    assert conf.worker_prefetch_multiplier == (1 if conf.worker_pool == "prefork" else 2)
     assert conf.task_default_delivery_mode == "persistent"
     for name in (celeryconfig.ATTEMPTS_QUEUE, celeryconfig.MAINTENANCE_QUEUE, celeryconfig.WEBHOOKS_QUEUE):
         queue = celery.amqp.queues[name]  # made on first use, as a worker or a publish would
