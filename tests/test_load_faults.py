@@ -1,6 +1,7 @@
 """Faults under load: the same promises with a backlog queued and every worker process busy."""
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -80,3 +81,58 @@ def test_messages_lost_while_the_broker_lives_on_are_published_again(app, client
         job = wait_terminal(client, token, job_id, timeout=20)
         assert (job["status"], job["outcome"], job["attempts"]) == ("completed", "succeeded", 1)
         assert generator_calls(generator, job_id)["calls"] == 1
+
+
+def test_an_attempt_that_wakes_after_losing_its_claim_changes_nothing(client, user, stack, generator):
+    """A worker frozen (SIGSTOP) past its lease mid-call: another worker recovers and finishes
+    the job; when the frozen one wakes its outcome matches no row: the result served stays the
+    winner's, charged once, notified once."""
+    import signal
+
+    from tests.support import Process, worker_command
+
+    _, token = user
+    job_id = upload(client, token, prompt="[slow:4000]").get_json()["id"]
+    wait_for(lambda: generator_calls(generator, job_id)["in_flight"] == 1, what="the slow attempt to start")
+    frozen = stack.worker
+    os.killpg(frozen.popen.pid, signal.SIGSTOP)
+    rescuer = Process("rescuer", worker_command(), stack.env, stack.log_dir).start()
+    try:
+        job = wait_terminal(client, token, job_id, timeout=40)  # recovered after the lease, run again
+        assert (job["status"], job["outcome"], job["attempts"]) == ("completed", "succeeded", 2)
+    finally:
+        os.killpg(frozen.popen.pid, signal.SIGCONT)
+    wait_for(lambda: generator_calls(generator, job_id)["in_flight"] == 0, timeout=20,
+             what="the frozen worker's call to end")
+    time.sleep(2)  # the woken attempt has finished by now, and lost
+    rescuer.stop()
+    result = client.get("/api/jobs/%s/result" % job_id, headers={"Authorization": "Bearer " + token})
+    assert result.status_code == 200 and result.mimetype == "image/png"
+    after = job_json(client, token, job_id)
+    assert (after["status"], after["attempts"]) == ("completed", 2)
+    me = client.get("/api/me", headers={"Authorization": "Bearer " + token}).get_json()
+    told = client.get("/api/me/notifications", headers={"Authorization": "Bearer " + token}).get_json()["items"]
+    assert [item["job_id"] for item in told].count(job_id) == 1
+    assert me["balance"] == me["available"]  # nothing left on hold
+
+
+def test_a_failed_lease_renewal_does_not_lapse_the_lease(app, client, user, stack, generator):
+    """The renewer's connection is killed mid-attempt: the next renewal starts clean and the
+    running attempt keeps its claim (it is not recovered, not run twice)."""
+    from sqlalchemy import text
+
+    from renderq.db import db
+
+    _, token = user
+    job_id = upload(client, token, prompt="[slow:6000]").get_json()["id"]
+    wait_for(lambda: generator_calls(generator, job_id)["in_flight"] == 1, what="the slow attempt to start")
+    with app.app_context():
+        for _ in range(3):  # every connection of the worker's process, renewals included, dropped twice a second
+            db.session.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND application_name NOT LIKE 'pytest%' AND state = 'idle'"))
+            db.session.commit()
+            time.sleep(0.5)
+    job = wait_terminal(client, token, job_id, timeout=30)
+    assert (job["status"], job["attempts"]) == ("completed", 1)
+    assert generator_calls(generator, job_id)["calls"] == 1
