@@ -1,0 +1,168 @@
+"""Webhook receivers for the chaos benchmark: one URL per user, each with a behaviour of its
+own, and a JSON-lines log of every delivery that bench/invariants.py reads.
+
+A user's URL is `{base}/hooks/{mode}/{key}`; the mode is in the path so that the checker can
+tell from `users.webhook_url` alone what the receiver does:
+
+- `ok`: answers 200 at once;
+- `flaky`: answers 500 to the first FLAKY_FAILURES deliveries of each webhook-id, then 200;
+- `fail`: answers 500 to everything (it never accepts);
+- `trickle`: answers 200 with a body it sends a byte every `trickle_interval` seconds, so a
+  client without an overall deadline is pinned for `trickle_bytes * trickle_interval` seconds;
+- `redirect`: answers 307 to `{base}/hooks/redirected/{key}`, which answers 200.
+
+`ACCEPTING_MODES` are the receivers that eventually accept whatever the sender does within
+reason (retries, and following a redirect); a `trickle` receiver accepts only a sender that
+waits for it, and a fixed sender should not.
+
+Each request is one log line, written when the answer has been sent (or the sender went away):
+
+    {"webhook_id": "msg_...", "mode": "flaky", "key": "u3", "path": "/hooks/flaky/u3",
+     "start": 1700000000.1, "end": 1700000000.2, "status": 500, "completed": true,
+     "signature_ok": true, "job_id": "...", "event": "job.succeeded"}
+
+`completed` is false when writing the answer failed (the sender hung up before the end).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Optional
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+MODES = ("ok", "flaky", "fail", "trickle", "redirect")
+ACCEPTING_MODES = frozenset({"ok", "flaky", "redirect"})
+FLAKY_FAILURES = 2
+REDIRECT_TARGET = "redirected"
+_PATH = re.compile(r"^/hooks/([a-z]+)/([A-Za-z0-9_-]+)/?$")
+
+
+def mode_of(webhook_url: Optional[str]) -> Optional[str]:
+    """The receiver behaviour a chaos webhook URL names; None for any other URL."""
+    if not webhook_url:
+        return None
+    match = re.search(r"/hooks/([a-z]+)/[A-Za-z0-9_-]+/?$", webhook_url)
+    return match.group(1) if match and match.group(1) in MODES else None
+
+
+class Receivers:
+    """The receivers' HTTP server, in a thread of the benchmark's process."""
+
+    def __init__(self, log_path: Path, secret: str, trickle_bytes: int = 8, trickle_interval: float = 3.0):
+        self.log_path = log_path
+        self.verifier = Webhook(secret)
+        self.trickle_bytes = trickle_bytes
+        self.trickle_interval = trickle_interval
+        self._log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._lock = threading.Lock()
+        self._seen: Counter = Counter()  # deliveries per (key, webhook-id), for the flaky mode
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self.base_url = "http://127.0.0.1:%d" % self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook-receivers", daemon=True)
+
+    def url_for(self, mode: str, key: str) -> str:
+        assert mode in MODES, mode
+        return "%s/hooks/%s/%s" % (self.base_url, mode, key)
+
+    def start(self) -> "Receivers":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        os.close(self._log_fd)
+
+    def _record(self, entry: dict) -> None:
+        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            os.write(self._log_fd, line)
+
+    def _count(self, key: str, webhook_id: str) -> int:
+        with self._lock:
+            self._seen[key, webhook_id] += 1
+            return self._seen[key, webhook_id]
+
+    def _handler_class(self) -> type:
+        receivers = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # the JSON log is the record; stderr stays quiet
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+                started = time.time()
+                match = _PATH.match(self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                webhook_id = self.headers.get("webhook-id", "")
+                try:
+                    payload = receivers.verifier.verify(body, dict(self.headers))
+                    signature_ok = True
+                except (WebhookVerificationError, ValueError):
+                    payload, signature_ok = _json_or_empty(body), False
+                mode, key = (match.group(1), match.group(2)) if match else ("unknown", "")
+                status, completed = 404, True
+                try:
+                    if mode in ("ok", REDIRECT_TARGET):
+                        status = self._answer(200)
+                    elif mode == "flaky":
+                        status = self._answer(500 if receivers._count(key, webhook_id) <= FLAKY_FAILURES else 200)
+                    elif mode == "fail":
+                        status = self._answer(500)
+                    elif mode == "redirect":
+                        status = self._answer(307, {"Location": "%s/hooks/%s/%s"
+                                                    % (receivers.base_url, REDIRECT_TARGET, key)})
+                    elif mode == "trickle":
+                        status = self._trickle()
+                    else:
+                        status = self._answer(404)
+                except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                    completed = False
+                receivers._record({
+                    "webhook_id": webhook_id, "mode": mode, "key": key, "path": self.path, "start": started,
+                    "end": time.time(), "status": status, "completed": completed, "signature_ok": signature_ok,
+                    "job_id": payload.get("job_id") if isinstance(payload, dict) else None,
+                    "event": payload.get("event") if isinstance(payload, dict) else None,
+                })
+
+            def _answer(self, status: int, headers: Optional[dict] = None) -> int:
+                body = b'{"received":true}' if status < 300 else b"{}"
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+                return status
+
+            def _trickle(self) -> int:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(receivers.trickle_bytes))
+                self.end_headers()
+                self.wfile.flush()
+                for _ in range(receivers.trickle_bytes):
+                    time.sleep(receivers.trickle_interval)
+                    self.wfile.write(b".")
+                    self.wfile.flush()
+                return 200
+
+        return Handler
+
+
+def _json_or_empty(body: bytes) -> dict:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
