@@ -34,6 +34,7 @@ bounds), each in a thread of its own, never two on the same part at once:
     generator-outage        SIGKILL the generator, start it again after --generator-outage seconds
     cancel                  POST /api/jobs/{id}/cancel on 1-5 random jobs submitted so far
 
+`--schedule 6:kill-worker,20:delete-queues` injects those faults at those seconds instead.
 It prints the faults injected by kind and count, the wall times and where the jobs ended, then
 every invariant with its figure and violations; it exits 1 if any invariant is violated.
 `--report` writes all of it as JSON as well. Logs of every process stay in the work directory
@@ -124,6 +125,7 @@ class Options:
     stall_timeout: float = 120.0
     faults: tuple[str, ...] = FAULTS
     fault_interval: tuple[float, float] = (5.0, 15.0)
+    schedule: tuple[tuple[float, str], ...] = ()  # (seconds after the first submission, fault): replaces the random draw
     generator_outage: float = 60.0
     concurrency: int = 2  # CONCURRENT_JOBS: processes per attempts worker
     worker_instances: int = 2
@@ -542,17 +544,29 @@ class Chaos:
             self.details.append("%s %s: %s" % (time.strftime("%H:%M:%S"), kind, detail))
 
     def run(self, stop: threading.Event) -> None:
+        if self.options.schedule:
+            started = time.monotonic()
+            for at, kind in sorted(self.options.schedule):
+                if stop.wait(max(0.0, started + at - time.monotonic())):
+                    return
+                self._launch([kind] * 10)  # a scheduled fault waits for its target rather than change kind
+            return
         if not self.options.faults:
             return
         while not stop.wait(self.rng.uniform(*self.options.fault_interval)):
-            for _ in range(5):  # another kind if this one's target is busy
-                kind = self.rng.choice(self.options.faults)
-                action = self.prepare(kind)
-                if action:
-                    thread = threading.Thread(target=self._guarded, args=(kind, action), name=kind, daemon=True)
-                    thread.start()
-                    self.threads.append(thread)
-                    break
+            self._launch([self.rng.choice(self.options.faults) for _ in range(5)])  # another kind if one's target is busy
+
+    def _launch(self, kinds: list[str]) -> None:
+        for kind in kinds:
+            action = self.prepare(kind)
+            if action:
+                thread = threading.Thread(target=self._guarded, args=(kind, action), name=kind, daemon=True)
+                thread.start()
+                self.threads.append(thread)
+                return
+            time.sleep(1)
+        with self.lock:
+            self.details.append("%s %s: skipped, its target stayed busy" % (time.strftime("%H:%M:%S"), kinds[-1]))
 
     def _guarded(self, kind: str, action: Callable[[], None]) -> None:
         try:
@@ -872,6 +886,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated, from: " + ", ".join(FAULTS)
                         + " ('' for none)")
     parser.add_argument("--fault-interval", default="5,15", help="seconds between faults: min,max")
+    parser.add_argument("--schedule", default="",
+                        help="faults at fixed times instead of random ones: SECONDS:FAULT,... after the first submission")
     parser.add_argument("--generator-outage", type=float, default=defaults.generator_outage)
     parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help="CONCURRENT_JOBS")
     parser.add_argument("--worker-instances", type=int, default=defaults.worker_instances,
@@ -892,9 +908,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown:
         parser.error("unknown faults: %s" % ", ".join(sorted(unknown)))
     low, high = (float(part) for part in args.fault_interval.split(","))
+    schedule = tuple((float(at), kind) for at, kind in (item.split(":", 1) for item in args.schedule.split(",") if item))
+    unknown = {kind for _, kind in schedule} - set(FAULTS)
+    if unknown:
+        parser.error("unknown faults in --schedule: %s" % ", ".join(sorted(unknown)))
+    if schedule:
+        faults = tuple(sorted({kind for _, kind in schedule}))
     options = Options(jobs=args.jobs, users=args.users, rate=args.rate, duration=args.duration,
                       drain_timeout=args.drain_timeout, stall_timeout=args.stall_timeout, faults=faults,
-                      fault_interval=(low, high), generator_outage=args.generator_outage,
+                      fault_interval=(low, high), schedule=schedule, generator_outage=args.generator_outage,
                       concurrency=args.concurrency, worker_instances=args.worker_instances, seed=args.seed,
                       slack=args.slack, keep=args.keep, work_dir=args.work_dir, shown=args.shown, report=args.report)
     options.generator.update(dict(item.split("=", 1) for item in args.generator))
