@@ -34,11 +34,13 @@ bounds), each in a thread of its own, never two on the same part at once:
     generator-outage        SIGKILL the generator, start it again after --generator-outage seconds
     cancel                  POST /api/jobs/{id}/cancel on 1-5 random jobs submitted so far
 
-`--schedule 6:kill-worker,20:delete-queues` injects those faults at those seconds instead.
+`--schedule 6:kill-worker@worker-1,20:delete-queues` injects those faults at those seconds (on
+that process) instead. Faults are drawn with weights (FAULT_WEIGHTS): a generator outage is
+rarer than a cancel.
 It prints the faults injected by kind and count, the wall times and where the jobs ended, then
 every invariant with its figure and violations; it exits 1 if any invariant is violated.
 `--report` writes all of it as JSON as well. Logs of every process stay in the work directory
-it prints (with --keep, the database and media too).
+it prints (with --keep, the media too, and the database's data directory, printed at the end).
 """
 from __future__ import annotations
 
@@ -104,6 +106,11 @@ GENERATOR_FAULTS = {
 
 FAULTS = ("kill-worker", "kill-pool-child", "stop-worker", "redis-restart-empty", "redis-restart-snapshot",
           "delete-queues", "postgres-restart", "generator-outage", "cancel")
+# How often each fault is drawn, relative to the others: a generator outage lasts a minute, so
+# drawn as often as a cancel it would keep the generator away most of the run.
+FAULT_WEIGHTS = {"kill-worker": 1.5, "kill-pool-child": 2, "stop-worker": 1, "redis-restart-empty": 0.7,
+                 "redis-restart-snapshot": 0.7, "delete-queues": 1, "postgres-restart": 1, "generator-outage": 0.3,
+                 "cancel": 2}
 
 # One user per entry: where their webhooks go ("none": no webhook_url). The trickle receiver's
 # user submits a fifth of an ordinary share, so that its pinned deliveries show without
@@ -118,14 +125,17 @@ TERMINAL = ("completed", "failed", "canceled")
 class Options:
     jobs: int = 10_000
     users: int = 20
-    rate: float = 8.0  # submissions per second; 0 = as fast as --submitters allow
+    # Submissions per second (0 = as fast as --submitters allow). It must stay below what the stack
+    # processes, or the terminal bound measures the backlog: about 3 a second on a shared 2-core machine.
+    rate: float = 3.0
     submitters: int = 6
     duration: float = 3600.0  # seconds of submitting and faults at most
     drain_timeout: float = 900.0
     stall_timeout: float = 120.0
     faults: tuple[str, ...] = FAULTS
     fault_interval: tuple[float, float] = (5.0, 15.0)
-    schedule: tuple[tuple[float, str], ...] = ()  # (seconds after the first submission, fault): replaces the random draw
+    # (seconds after the first submission, fault, target process or ""): replaces the random draw
+    schedule: tuple[tuple[float, str, str], ...] = ()
     generator_outage: float = 60.0
     concurrency: int = 2  # CONCURRENT_JOBS: processes per attempts worker
     worker_instances: int = 2
@@ -277,6 +287,7 @@ class ChaosStack:
         self.receivers_log = work / "receivers.jsonl"
         self.submissions_log = work / "submissions.jsonl"
         self.postgres: Optional[PrivatePostgres] = None
+        self.postgres_root: Optional[Path] = None
         self.redis: Optional[ChaosRedis] = None
         self.receivers: Optional[Receivers] = None
         self.lines: list[SupervisedLine] = []
@@ -287,7 +298,11 @@ class ChaosStack:
         self._supervisor: Optional[threading.Thread] = None
 
     def start(self) -> "ChaosStack":
-        self.postgres = PrivatePostgres(self.work / "postgres").start()
+        # PostgreSQL runs as a user of its own (it will not run as root), which must reach its data
+        # directory through every parent: not through pytest's or mkdtemp's 0700 directories.
+        self.postgres_root = Path(tempfile.mkdtemp(prefix="renderq-chaos-pg-"))
+        self.postgres_root.chmod(0o755)
+        self.postgres = PrivatePostgres(self.postgres_root / "data").start()
         self.redis = ChaosRedis(self.work, self.logs).start()
         self.receivers = Receivers(self.receivers_log, WEBHOOK_SECRET).start()
         web_port, generator_port = free_port(), free_port()
@@ -359,6 +374,8 @@ class ChaosStack:
             except Exception:  # a crashed server may need booting before it can stop cleanly
                 self.postgres.boot()
                 self.postgres.stop()
+        if self.postgres_root and not self.options.keep:
+            shutil.rmtree(self.postgres_root, ignore_errors=True)
 
     def query(self, sql: str, parameters: Optional[tuple] = None) -> list[tuple]:
         with invariants.connect(self.postgres.url) as connection:
@@ -546,19 +563,21 @@ class Chaos:
     def run(self, stop: threading.Event) -> None:
         if self.options.schedule:
             started = time.monotonic()
-            for at, kind in sorted(self.options.schedule):
+            for at, kind, target in sorted(self.options.schedule):
                 if stop.wait(max(0.0, started + at - time.monotonic())):
                     return
-                self._launch([kind] * 10)  # a scheduled fault waits for its target rather than change kind
+                self._launch([kind] * 10, target)  # a scheduled fault waits for its target rather than change kind
             return
         if not self.options.faults:
             return
+        weights = [FAULT_WEIGHTS[kind] for kind in self.options.faults]
         while not stop.wait(self.rng.uniform(*self.options.fault_interval)):
-            self._launch([self.rng.choice(self.options.faults) for _ in range(5)])  # another kind if one's target is busy
+            # Five draws: another kind if one's target is busy.
+            self._launch(self.rng.choices(self.options.faults, weights=weights, k=5))
 
-    def _launch(self, kinds: list[str]) -> None:
+    def _launch(self, kinds: list[str], target: str = "") -> None:
         for kind in kinds:
-            action = self.prepare(kind)
+            action = self.prepare(kind, target)
             if action:
                 thread = threading.Thread(target=self._guarded, args=(kind, action), name=kind, daemon=True)
                 thread.start()
@@ -579,25 +598,26 @@ class Chaos:
         for thread in self.threads:
             thread.join()
 
-    def _free_line(self, lines: list[SupervisedLine]) -> Optional[SupervisedLine]:
-        candidates = [line for line in lines if not line.exited()]
+    def _free_line(self, lines: list[SupervisedLine], target: str = "") -> Optional[SupervisedLine]:
+        candidates = [line for line in lines if not line.exited() and (not target or line.name == target)]
         self.rng.shuffle(candidates)
         for line in candidates:
             if line.lock.acquire(blocking=False):
                 return line
         return None
 
-    def prepare(self, kind: str) -> Optional[Callable[[], None]]:
-        """The fault's action with its target locked, or None if no target is free now."""
+    def prepare(self, kind: str, target: str = "") -> Optional[Callable[[], None]]:
+        """The fault's action with its target locked, or None if no target is free now. `target`
+        names the worker process a worker fault must hit (default: any)."""
         stack, rng = self.stack, random.Random(self.rng.random())
         if kind == "kill-worker":
-            line = self._free_line(stack.workers())
+            line = self._free_line(stack.workers(), target)
             return line and (lambda: self._kill_worker(line, rng))
         if kind == "kill-pool-child":
-            line = self._free_line([line for line in stack.workers() if line.children()])
+            line = self._free_line([line for line in stack.workers() if line.children()], target)
             return line and (lambda: self._kill_pool_child(line, rng))
         if kind == "stop-worker":
-            line = self._free_line(stack.workers())
+            line = self._free_line(stack.workers(), target)
             return line and (lambda: self._stop_worker(line, rng))
         if kind in ("redis-restart-empty", "redis-restart-snapshot"):
             if not stack.redis_lock.acquire(blocking=False):
@@ -834,8 +854,9 @@ def run(options: Options) -> Result:
         return result
     finally:
         stack.stop()
-        if not options.keep:
-            shutil.rmtree(work / "postgres", ignore_errors=True)
+        if options.keep:
+            print("kept: the database in %s, the media in %s" % (stack.postgres_root, work / "media"))
+        else:
             shutil.rmtree(work / "media", ignore_errors=True)
 
 
@@ -887,7 +908,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         + " ('' for none)")
     parser.add_argument("--fault-interval", default="5,15", help="seconds between faults: min,max")
     parser.add_argument("--schedule", default="",
-                        help="faults at fixed times instead of random ones: SECONDS:FAULT,... after the first submission")
+                        help="faults at fixed times instead of random ones: SECONDS:FAULT[@PROCESS],... after the first "
+                             "submission (PROCESS: a worker's name, e.g. worker-1, for the worker faults)")
     parser.add_argument("--generator-outage", type=float, default=defaults.generator_outage)
     parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help="CONCURRENT_JOBS")
     parser.add_argument("--worker-instances", type=int, default=defaults.worker_instances,
@@ -908,15 +930,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown:
         parser.error("unknown faults: %s" % ", ".join(sorted(unknown)))
     low, high = (float(part) for part in args.fault_interval.split(","))
-    schedule = tuple((float(at), kind) for at, kind in (item.split(":", 1) for item in args.schedule.split(",") if item))
-    unknown = {kind for _, kind in schedule} - set(FAULTS)
-    if unknown:
-        parser.error("unknown faults in --schedule: %s" % ", ".join(sorted(unknown)))
+    schedule = []
+    for item in filter(None, args.schedule.split(",")):
+        at, _, fault = item.partition(":")
+        kind, _, target = fault.partition("@")
+        if kind not in FAULTS:
+            parser.error("unknown fault in --schedule: %s" % kind)
+        schedule.append((float(at), kind, target))
     if schedule:
-        faults = tuple(sorted({kind for _, kind in schedule}))
+        faults = tuple(sorted({kind for _, kind, _ in schedule}))
     options = Options(jobs=args.jobs, users=args.users, rate=args.rate, duration=args.duration,
                       drain_timeout=args.drain_timeout, stall_timeout=args.stall_timeout, faults=faults,
-                      fault_interval=(low, high), schedule=schedule, generator_outage=args.generator_outage,
+                      fault_interval=(low, high), schedule=tuple(schedule), generator_outage=args.generator_outage,
                       concurrency=args.concurrency, worker_instances=args.worker_instances, seed=args.seed,
                       slack=args.slack, keep=args.keep, work_dir=args.work_dir, shown=args.shown, report=args.report)
     options.generator.update(dict(item.split("=", 1) for item in args.generator))

@@ -98,6 +98,7 @@ class JobRow:
     attempts: int
     retry_count: int
     created: float
+    started: Optional[float]  # the first claim
     completed: Optional[float]
     result_path: Optional[str]
     error_code: Optional[str]
@@ -208,14 +209,14 @@ def load_database(connection) -> Dataset:
             connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         (checked_at,), = rows("SELECT extract(epoch FROM clock_timestamp())")
         jobs = {}
-        for (job_id, user_id, kind, price, status, outcome, attempts, retry_count, created, completed, result_path,
-             error_code, params) in rows(
+        for (job_id, user_id, kind, price, status, outcome, attempts, retry_count, created, started, completed,
+             result_path, error_code, params) in rows(
                 "SELECT id::text, user_id, kind, price, status, outcome, attempts, retry_count,"
-                " extract(epoch FROM created_at), extract(epoch FROM completed_at), result_path, error_code, params"
-                " FROM jobs"):
+                " extract(epoch FROM created_at), extract(epoch FROM started_at), extract(epoch FROM completed_at),"
+                " result_path, error_code, params FROM jobs"):
             params = params if isinstance(params, dict) else json.loads(params or "{}")
             jobs[job_id] = JobRow(job_id, user_id, kind, price, status, outcome, attempts, retry_count,
-                                  float(created), _seconds(completed), result_path, error_code,
+                                  float(created), _seconds(started), _seconds(completed), result_path, error_code,
                                   params.get("prompt") or "", params.get("style") or "")
         attempts: dict[str, list[AttemptRow]] = defaultdict(list)
         for job_id, number, outcome, error_code, started, duration_ms in rows(
@@ -333,6 +334,18 @@ def bound_of(job: JobRow, rows: list[AttemptRow], limits: Limits) -> float:
     return job.created + limits.ladder + in_attempts + recoveries + background + limits.slack
 
 
+def _first_attempt(job: JobRow) -> str:
+    """When the job was first claimed: a late first claim is a queue (a backlog, or a lost message)."""
+    if job.started is None:
+        return "never attempted"
+    return "first attempt %.1fs after submission" % (job.started - job.created)
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
 def terminal_in_time(data: Dataset, limits: Limits) -> Verdict:
     verdict = Verdict("terminal-in-time", "every job is terminal by submission + ladder + time in attempts + "
                                           "recoveries + background + %gs slack" % limits.slack)
@@ -340,21 +353,27 @@ def terminal_in_time(data: Dataset, limits: Limits) -> Verdict:
     for job in data.jobs.values():
         bound = bound_of(job, data.attempts.get(job.id, []), limits)
         if job.status not in TERMINAL:
-            verdict.violations.append("%s is still %s at check time (%d attempts, submitted %.0fs before the check, "
-                                      "%s)" % (job.label(), job.status, job.attempts, data.checked_at - job.created,
-                                               "%.0fs past its bound" % (data.checked_at - bound)
-                                               if data.checked_at > bound else
-                                               "its bound is %.0fs away" % (bound - data.checked_at)))
+            verdict.violations.append("%s is still %s at check time (%d attempts, %s, submitted %.0fs before the "
+                                      "check, %s)" % (job.label(), job.status, job.attempts, _first_attempt(job),
+                                                      data.checked_at - job.created,
+                                                      "%.0fs past its bound" % (data.checked_at - bound)
+                                                      if data.checked_at > bound else
+                                                      "its bound is %.0fs away" % (bound - data.checked_at)))
         elif job.completed is not None and job.completed > bound:
-            verdict.violations.append("%s became %s %.1fs after submission, %.1fs past its bound of %.1fs"
-                                      % (job.label(), job.status, job.completed - job.created,
-                                         job.completed - bound, bound - job.created))
+            verdict.violations.append("%s became %s %.1fs after submission, %.1fs past its bound of %.1fs (%d "
+                                      "attempts, %s)" % (job.label(), job.status, job.completed - job.created,
+                                                         job.completed - bound, bound - job.created, job.attempts,
+                                                         _first_attempt(job)))
         elif job.completed is not None:
             spare.append(bound - job.completed)
             took.append(job.completed - job.created)
     verdict.figure = "%d/%d jobs terminal within their bound" % (len(spare), len(data.jobs))
     if took:
         verdict.figure += "; slowest %.1fs after submission; least time to spare %.1fs" % (max(took), min(spare))
+    waits = [job.started - job.created for job in data.jobs.values() if job.started is not None]
+    if waits:
+        verdict.figure += "; first attempt after p50 %.1fs, p95 %.1fs, max %.1fs" % (
+            _percentile(waits, 0.5), _percentile(waits, 0.95), max(waits))
     return verdict
 
 

@@ -1,0 +1,100 @@
+"""The chaos benchmark in small, and its invariant checker's negative controls.
+
+The smoke runs bench/chaos.py on a stack of its own (a private PostgreSQL and Redis, every
+Procfile line): 200 jobs from 20 users with the full mix of prompts and receivers, against a
+generator failing 30 % of calls with 429s, hangs and garbage 200s, while a worker is killed, a
+worker is paused past its lease, Redis restarts empty, PostgreSQL crashes and the queue keys
+are deleted; then every invariant of bench/invariants.py must hold.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from standardwebhooks.webhooks import Webhook
+
+from bench.receivers import Receivers
+from tests.conftest import BASE_DATABASE_URL
+from tests.support import ROOT
+
+# Redis restarts before the queue keys go: a restart begins a new broker epoch, which would
+# re-publish what the deletion lost and hide whether the deletion alone is survived.
+SMOKE_SCHEDULE = ("5:kill-worker@worker-1,14:stop-worker@worker-2,22:redis-restart-empty,30:postgres-restart,"
+                  "40:delete-queues")
+
+
+@pytest.mark.timeout(420)
+def test_chaos_smoke_keeps_every_invariant():
+    # A directory of its own rather than tmp_path: other pytest sessions on the machine prune old
+    # base temporary directories, and this test runs for minutes.
+    work = Path(tempfile.mkdtemp(prefix="renderq-chaos-smoke-"))
+    try:
+        run = subprocess.run(
+            [sys.executable, "bench/chaos.py", "--jobs", "200", "--rate", "5", "--schedule", SMOKE_SCHEDULE,
+             "--stall-timeout", "30", "--drain-timeout", "150", "--seed", "5", "--shown", "5",
+             "--work-dir", str(work / "run"), "--report", str(work / "report.json")],
+            cwd=ROOT, capture_output=True, text=True, timeout=400)
+        print(run.stdout[-30_000:], run.stderr[-5_000:])
+        result = json.loads((work / "report.json").read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert result["submitted"] == 200
+    assert set(result["faults"]) == {"kill-worker", "stop-worker", "delete-queues", "postgres-restart",
+                                     "redis-restart-empty"}, result["fault_log"]
+    checked = {verdict["name"] for verdict in result["verdicts"] if verdict["checked"]}
+    assert len(checked) == len(result["verdicts"]) == 14  # nothing skipped: every log and probe was there
+    violated = {verdict["name"]: verdict["violations"][:3] for verdict in result["verdicts"] if verdict["violations"]}
+    assert not violated, json.dumps(violated, indent=1)
+
+
+def test_invariant_checker_reports_each_break_of_a_consistent_run():
+    run = subprocess.run([sys.executable, "bench/invariants.py", "--self-test", "--database-url", BASE_DATABASE_URL],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    print(run.stdout, run.stderr)
+    assert run.returncode == 0
+    assert "self-test: every break reported by exactly its invariant" in run.stdout
+    assert run.stdout.count("ok   break:") == 16
+
+
+def test_receivers_answer_as_their_mode_says_and_log_every_delivery(tmp_path):
+    secret = "whsec_" + "c2VjcmV0LWZvci10aGUtcmVjZWl2ZXJzLXRlc3Q="
+    log = tmp_path / "receivers.jsonl"
+    receivers = Receivers(log, secret, trickle_bytes=2, trickle_interval=0.2).start()
+    try:
+        def deliver(mode: str, webhook_id: str, sign_with: str = secret) -> requests.Response:
+            body = json.dumps({"event": "job.succeeded", "job_id": "j-" + webhook_id})
+            timestamp = int(time.time())
+            headers = {"webhook-id": webhook_id, "webhook-timestamp": str(timestamp), "content-type": "application/json",
+                       "webhook-signature": Webhook(sign_with).sign(webhook_id, _utc(timestamp), body)}
+            return requests.post(receivers.url_for(mode, "u1"), data=body, headers=headers, timeout=10)
+
+        assert [deliver("flaky", "msg_f").status_code for _ in range(3)] == [500, 500, 200]
+        assert deliver("fail", "msg_x").status_code == 500
+        assert deliver("ok", "msg_o", sign_with="whsec_" + "b3RoZXItc2VjcmV0LW9mLWVub3VnaC1ieXRlcw==").status_code == 200
+        redirected = deliver("redirect", "msg_r")
+        assert redirected.status_code == 200 and [r.status_code for r in redirected.history] == [307]
+        started = time.monotonic()
+        assert deliver("trickle", "msg_t").text == ".."
+        assert time.monotonic() - started >= 0.4
+    finally:
+        receivers.stop()
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["webhook_id"], e["mode"], e["status"]) for e in entries] == [
+        ("msg_f", "flaky", 500), ("msg_f", "flaky", 500), ("msg_f", "flaky", 200), ("msg_x", "fail", 500),
+        ("msg_o", "ok", 200), ("msg_r", "redirect", 307), ("msg_r", "redirected", 200), ("msg_t", "trickle", 200)]
+    assert [e["signature_ok"] for e in entries] == [True] * 4 + [False] + [True] * 3
+    assert all(e["completed"] and e["start"] <= e["end"] and e["job_id"] == "j-" + e["webhook_id"]
+               for e in entries if e["signature_ok"])
+
+
+def _utc(timestamp: int):
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(timestamp, timezone.utc)
