@@ -21,13 +21,16 @@ Each request is one log line, written when the answer has been sent (or the send
      "start": 1700000000.1, "end": 1700000000.2, "status": 500, "completed": true,
      "signature_ok": true, "job_id": "...", "event": "job.succeeded"}
 
-`completed` is false when writing the answer failed (the sender hung up before the end).
+`completed` is false when the sender hung up before the whole answer was sent (noticed as it
+happens, so `end` is when the sender gave up).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import select
+import socket
 import threading
 import time
 from collections import Counter
@@ -109,7 +112,7 @@ class Receivers:
                 except (WebhookVerificationError, ValueError):
                     payload, signature_ok = _json_or_empty(body), False
                 mode, key = (match.group(1), match.group(2)) if match else ("unknown", "")
-                status, completed = 404, True
+                self.status_sent, completed = 0, True
                 try:
                     if mode in ("ok", REDIRECT_TARGET):
                         status = self._answer(200)
@@ -125,7 +128,7 @@ class Receivers:
                     else:
                         status = self._answer(404)
                 except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                    completed = False
+                    status, completed = self.status_sent, False
                 receivers._record({
                     "webhook_id": webhook_id, "mode": mode, "key": key, "path": self.path, "start": started,
                     "end": time.time(), "status": status, "completed": completed, "signature_ok": signature_ok,
@@ -135,6 +138,7 @@ class Receivers:
 
             def _answer(self, status: int, headers: Optional[dict] = None) -> int:
                 body = b'{"received":true}' if status < 300 else b"{}"
+                self.status_sent = status
                 self.send_response(status)
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
@@ -146,16 +150,29 @@ class Receivers:
                 return status
 
             def _trickle(self) -> int:
+                self.status_sent = 200
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain")
                 self.send_header("Content-Length", str(receivers.trickle_bytes))
                 self.end_headers()
                 self.wfile.flush()
                 for _ in range(receivers.trickle_bytes):
-                    time.sleep(receivers.trickle_interval)
+                    if self._sender_left_within(receivers.trickle_interval):
+                        raise ConnectionResetError("the sender hung up")
                     self.wfile.write(b".")
                     self.wfile.flush()
                 return 200
+
+            def _sender_left_within(self, seconds: float) -> bool:
+                """Wait `seconds`, but notice at once a sender that closes the connection: the
+                log's end is then when the sender gave up, not when a later write would fail."""
+                readable, _, _ = select.select([self.connection], [], [], seconds)
+                if not readable:
+                    return False
+                try:
+                    return self.connection.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    return True
 
         return Handler
 

@@ -8,6 +8,7 @@ are deleted; then every invariant of bench/invariants.py must hold.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from standardwebhooks.webhooks import Webhook
 
 from bench.receivers import Receivers
 from tests.conftest import BASE_DATABASE_URL
-from tests.support import ROOT
+from tests.support import ROOT, wait_for
 
 # Redis restarts before the queue keys go: a restart begins a new broker epoch, which would
 # re-publish what the deletion lost and hide whether the deletion alone is survived.
@@ -83,15 +84,23 @@ def test_receivers_answer_as_their_mode_says_and_log_every_delivery(tmp_path):
         started = time.monotonic()
         assert deliver("trickle", "msg_t").text == ".."
         assert time.monotonic() - started >= 0.4
+        # A sender that gives up on a trickle: logged as not completed, ending when it hung up.
+        sender = http.client.HTTPConnection("127.0.0.1", int(receivers.base_url.rsplit(":", 1)[1]), timeout=5)
+        sender.request("POST", "/hooks/trickle/u1", body=b"{}", headers={"webhook-id": "msg_gone"})
+        assert sender.getresponse().status == 200
+        sender.close()
+        gave_up = time.time()
+        wait_for(lambda: "msg_gone" in log.read_text(), timeout=5, what="the abandoned trickle to be logged")
     finally:
         receivers.stop()
     entries = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [(e["webhook_id"], e["mode"], e["status"]) for e in entries] == [
-        ("msg_f", "flaky", 500), ("msg_f", "flaky", 500), ("msg_f", "flaky", 200), ("msg_x", "fail", 500),
-        ("msg_o", "ok", 200), ("msg_r", "redirect", 307), ("msg_r", "redirected", 200), ("msg_t", "trickle", 200)]
-    assert [e["signature_ok"] for e in entries] == [True] * 4 + [False] + [True] * 3
-    assert all(e["completed"] and e["start"] <= e["end"] and e["job_id"] == "j-" + e["webhook_id"]
-               for e in entries if e["signature_ok"])
+    assert [(e["webhook_id"], e["mode"], e["status"], e["completed"]) for e in entries] == [
+        ("msg_f", "flaky", 500, True), ("msg_f", "flaky", 500, True), ("msg_f", "flaky", 200, True),
+        ("msg_x", "fail", 500, True), ("msg_o", "ok", 200, True), ("msg_r", "redirect", 307, True),
+        ("msg_r", "redirected", 200, True), ("msg_t", "trickle", 200, True), ("msg_gone", "trickle", 200, False)]
+    assert [e["signature_ok"] for e in entries] == [True] * 4 + [False] + [True] * 3 + [False]
+    assert all(e["start"] <= e["end"] and e["job_id"] == "j-" + e["webhook_id"] for e in entries[:-1])
+    assert entries[-1]["end"] - gave_up < 0.1  # noticed at once, not at the next byte
 
 
 def _utc(timestamp: int):
