@@ -482,6 +482,13 @@ class Submitter:
             self.local.session = requests.Session()
         return self.local.session
 
+    def _submit_reporting_errors(self, index: int) -> None:
+        try:
+            self.submit(index)
+        except Exception as error:  # a bug here must show in the answers, not vanish in the pool
+            with self.lock:
+                self.answers["error: %r" % error] += 1
+
     def submit(self, index: int) -> None:
         rng = random.Random(self.options.seed * 1_000_003 + index)
         user = rng.choices(self.users, weights=[user.weight for user in self.users])[0]
@@ -529,7 +536,7 @@ class Submitter:
                         break
                 if stop.is_set():
                     break
-                pool.submit(self.submit, index)
+                pool.submit(self._submit_reporting_errors, index)
                 sent += 1
         return sent
 
