@@ -104,6 +104,9 @@ GENERATOR_FAULTS = {
     "GENERATOR_GARBAGE_RATE": "0.01",
 }
 
+LADDER_SETTINGS = ("RETRY_DELAYS", "MAX_RETRIES", "MAX_RETRY_ATTEMPTS", "JOB_LEASE_SECONDS", "QUEUE_CHECK_INTERVAL",
+                   "BACKGROUND_PROCESSING_INTERVAL", "MAX_BACKGROUND_RETRY_AGE", "NOTIFY_ON_FAILURE")
+
 FAULTS = ("kill-worker", "kill-pool-child", "stop-worker", "redis-restart-empty", "redis-restart-snapshot",
           "delete-queues", "postgres-restart", "generator-outage", "cancel")
 # How often each fault is drawn, relative to the others: a generator outage lasts a minute, so
@@ -317,6 +320,9 @@ class ChaosStack:
             "CONCURRENT_JOBS": str(self.options.concurrency), "GENERATOR_CALL_LOG": str(self.call_log),
             "GENERATOR_SEED": str(self.options.seed),
         }
+        # What the checker needs to compute the bounds, for a later standalone run of bench/invariants.py.
+        (self.work / "stack.env").write_text("".join(
+            "%s=%s\n" % (name, self.env[name]) for name in LADDER_SETTINGS if self.env.get(name)))
         import subprocess
 
         subprocess.run([str(BIN / "flask"), "--app", "webapp", "db", "upgrade"], env=self.env, cwd=ROOT, check=True,
@@ -862,7 +868,11 @@ def run(options: Options) -> Result:
     finally:
         stack.stop()
         if options.keep:
-            print("kept: the database in %s, the media in %s" % (stack.postgres_root, work / "media"))
+            print("kept: the database in %s, the media in %s; to check it again, boot that PostgreSQL and run\n"
+                  "  bench/invariants.py --database-url <its URL> --env-file %s --call-log %s --receivers-log %s "
+                  "--submissions-log %s --media-root %s --slack %g" % (
+                      stack.postgres_root, work / "media", work / "stack.env", stack.call_log, stack.receivers_log,
+                      stack.submissions_log, work / "media", options.slack))
         else:
             shutil.rmtree(work / "media", ignore_errors=True)
 

@@ -10,7 +10,7 @@ the reference generator's call log (GENERATOR_CALL_LOG), the chaos webhook recei
 The ladder's settings (RETRY_DELAYS, MAX_RETRIES, MAX_RETRY_ATTEMPTS, JOB_LEASE_SECONDS,
 QUEUE_CHECK_INTERVAL, BACKGROUND_PROCESSING_INTERVAL, MAX_BACKGROUND_RETRY_AGE,
 NOTIFY_ON_FAILURE) are read from the environment, as the stack read them: run the checker
-with the stack's environment. It prints every invariant with its figure and its violations,
+with the stack's environment, or give --env-file (bench/chaos.py leaves one, stack.env). It prints every invariant with its figure and its violations,
 and exits 1 if any invariant is violated.
 
 How generator calls are counted against recorded attempts (`calls-match-attempts`)
@@ -1173,6 +1173,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--web-url", help="the API, to GET each succeeded job's result (with --admin-token)")
     parser.add_argument("--admin-token")
     parser.add_argument("--media-root", type=Path, help="or read the results from MEDIA_ROOT directly")
+    parser.add_argument("--env-file", type=Path,
+                        help="NAME=VALUE lines for the ladder's settings, over the environment (bench/chaos.py "
+                             "writes one as stack.env in its work directory)")
     parser.add_argument("--slack", type=float, default=60.0, help="seconds added to every job's bound (default 60)")
     parser.add_argument("--retry-after-max", type=float, default=1.0,
                         help="the longest Retry-After a 429 may carry, in seconds (default 1)")
@@ -1190,7 +1193,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         probe = http_result_probe(args.web_url.rstrip("/"), args.admin_token)
     elif args.media_root:
         probe = file_result_probe(args.media_root)
-    limits = Limits.from_env(os.environ, slack=args.slack, retry_after_max=args.retry_after_max)
+    env = dict(os.environ)
+    if args.env_file:
+        env.update(line.split("=", 1) for line in args.env_file.read_text().splitlines() if "=" in line)
+    limits = Limits.from_env(env, slack=args.slack, retry_after_max=args.retry_after_max)
     verdicts = run_checks(args.database_url, limits, args.call_log, args.receivers_log, args.submissions_log, probe)
     return 1 if report(verdicts, args.shown) else 0
 
