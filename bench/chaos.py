@@ -37,6 +37,7 @@ bounds), each in a thread of its own, never two on the same part at once:
 `--schedule 6:kill-worker@worker-1,20:delete-queues` injects those faults at those seconds (on
 that process) instead. Faults are drawn with weights (FAULT_WEIGHTS): a generator outage is
 rarer than a cancel.
+
 It prints the faults injected by kind and count, the wall times and where the jobs ended, then
 every invariant with its figure and violations; it exits 1 if any invariant is violated.
 `--report` writes all of it as JSON as well. Logs of every process stay in the work directory
@@ -57,7 +58,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -430,8 +430,10 @@ def create_users(stack: ChaosStack, options: Options) -> tuple[list[ChaosUser], 
     for index in range(options.users):
         receiver = RECEIVER_PLAN[index % len(RECEIVER_PLAN)]
         weight = 0.2 if receiver == "trickle" else 1.0
-        needed = int(share * weight * 2) + 10  # image.generate costs 2
-        balance = int(needed * 0.6) if index == LOW_BALANCE_USER else 2 * needed
+        needed = int(share * weight * 2) + 10  # at most: image.generate costs 2
+        # The low-balance user gets 60 % of its share in credits (jobs cost 1.1 on average), so that
+        # its last submissions meet 402.
+        balance = int(share * weight * 0.6) if index == LOW_BALANCE_USER else 2 * needed
         url = stack.receivers.url_for(receiver, "u%d" % index) if receiver in MODES else None
         email = "chaos-u%d@example.com" % index
         by_cli = url and index % 2 == 0
