@@ -16,3 +16,10 @@ if not _credentials:
     sys.exit("FLOWER_BASIC_AUTH must be set to user:password before Flower starts (it is empty)")
 
 basic_auth = [_credentials]
+
+# Flower serves its Prometheus /metrics without asking for the login (its handler skips the
+# check every other page makes): require it there too. /healthcheck stays open for probes.
+from flower.views.monitor import Metrics  # noqa: E402
+from tornado.web import authenticated  # noqa: E402
+
+Metrics.get = authenticated(Metrics.get)

@@ -1,7 +1,7 @@
 """The job-kind registry: what each kind costs, needs and how long one attempt may take."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 STYLES = ("sketch", "sepia", "cartoon", "pixelate", "unfiltered")
 
@@ -33,6 +33,12 @@ def get_kind(name: str) -> JobKind:
         return KINDS[name]
     except KeyError:
         raise KeyError("unknown kind %r; valid kinds: %s" % (name, ", ".join(sorted(KINDS)))) from None
+
+
+def use_limits(limits: dict[str, tuple[float, float, float]]) -> None:
+    """Apply KIND_LIMITS (soft, hard, generator timeout per kind) for this process."""
+    for name, (soft, hard, timeout) in limits.items():
+        KINDS[name] = replace(KINDS[name], soft_time_limit=soft, hard_time_limit=hard, generator_timeout=timeout)
 
 
 def longest_hard_time_limit() -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Callable, Mapping, TypeVar
@@ -45,6 +46,17 @@ def _delays(raw: str) -> tuple[float, ...]:
     return delays
 
 
+def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for part in (part.strip() for part in raw.split(",")):
+        if part:
+            try:
+                networks.append(ipaddress.ip_network(part))  # strict: 127.0.0.1/8 is a typo, not 127.0.0.0/8
+            except ValueError as error:
+                raise ValueError("must be comma-separated CIDRs such as 10.0.0.0/8 or fd00::/8 (%s)" % error) from None
+    return tuple(networks)
+
+
 def _boolean(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -72,6 +84,26 @@ def _credentials(raw: str) -> str:
     if raw and not (user and password):
         raise ValueError("must be user:password")
     return raw
+
+
+def _kind_limits(raw: str) -> dict[str, tuple[float, float, float]]:
+    """`kind=soft/hard/timeout,...` in seconds: an attempt's soft and hard time limits and its
+    generator call's timeout, per kind."""
+    from config.kinds import KINDS
+
+    limits = {}
+    for part in filter(None, (piece.strip() for piece in raw.split(","))):
+        name, _, numbers = part.partition("=")
+        if name not in KINDS:
+            raise ValueError("unknown kind %r (valid: %s)" % (name, ", ".join(sorted(KINDS))))
+        try:
+            soft, hard, timeout = (float(number) for number in numbers.split("/"))
+        except ValueError:
+            raise ValueError("%r: give soft/hard/timeout in seconds, e.g. %s=90/120/60" % (part, name)) from None
+        if not 0 < timeout <= soft <= hard:
+            raise ValueError("%r: need 0 < timeout <= soft <= hard" % part)
+        limits[name] = (soft, hard, timeout)
+    return limits
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -124,13 +156,18 @@ class Settings:
     generator_url: str
     generator_max_inflight: int
     webhook_secret: str
+    webhook_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    webhook_retry_delays: tuple[float, ...]
     flower_basic_auth: str
+    storage_backend: str
     media_root: str
     max_upload_bytes: int
     default_locale: str
     notify_on_failure: bool
     log_format: str
     job_lease_seconds: float
+    max_waiting_requests: int
+    kind_limits: dict
 
     @property
     def production(self) -> bool:
@@ -161,13 +198,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         generator_url=read("GENERATOR_URL", "http://127.0.0.1:5001", _url("http://", "https://")).rstrip("/"),
         generator_max_inflight=read("GENERATOR_MAX_INFLIGHT", "0", _non_negative_int),
         webhook_secret=read("WEBHOOK_SECRET", "", _webhook_secret),
+        webhook_allowed_networks=read("WEBHOOK_ALLOWED_NETWORKS", "", _networks),
+        webhook_retry_delays=read("WEBHOOK_RETRY_DELAYS", "1,2,4,8,16,32,64", _delays),
         flower_basic_auth=read("FLOWER_BASIC_AUTH", "", _credentials),
+        storage_backend=read("STORAGE_BACKEND", "postgres", _choice("postgres", "filesystem")),
         media_root=os.path.abspath(read("MEDIA_ROOT", "var/media", str)),
         max_upload_bytes=read("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024), _positive_int),
         default_locale=read("DEFAULT_LOCALE", "en", _choice("en", "ru")),
         notify_on_failure=read("NOTIFY_ON_FAILURE", "false", _boolean),
         log_format=read("LOG_FORMAT", "text", _choice("text", "json")),
         job_lease_seconds=read("JOB_LEASE_SECONDS", "30", _positive_float),
+        max_waiting_requests=read("MAX_WAITING_REQUESTS", "2", _non_negative_int),
+        kind_limits=read("KIND_LIMITS", "", _kind_limits),
     )
     if settings.max_retries > len(settings.retry_delays):
         raise ConfigError(

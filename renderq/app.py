@@ -9,7 +9,7 @@ from celery import Celery
 from flask import Flask
 
 import celeryconfig
-from config import ConfigError, load_settings
+from config import ConfigError, kinds, load_settings
 from renderq.db import db
 from renderq.logs import configure_logging
 
@@ -17,6 +17,7 @@ from renderq.logs import configure_logging
 def create_base_app(config: Optional[Mapping[str, str]] = None, name: str = "renderq") -> Flask:
     """`config` overrides environment variables (tests pass a mapping)."""
     settings = load_settings({**os.environ, **(config or {})})
+    kinds.use_limits(settings.kind_limits)
     try:  # uploads and results go there, and beat keeps its schedule there (Procfile)
         os.makedirs(settings.media_root, exist_ok=True)
     except OSError as error:

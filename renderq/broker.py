@@ -1,88 +1,54 @@
-"""Publishing job ids to the broker, knowing which messages the broker may have lost, and
-announcing finished jobs.
+"""What renderq sends through the broker (attempt messages, the ladder's timers, webhook
+deliveries), and announcing finished jobs to whoever waits on them.
 
-The broker epoch is a random id kept in Redis. Each publish records the epoch on the job;
-if Redis loses its data (a restart without persistence, FLUSHALL) the key goes with it, a
-new epoch begins, and the reconciler re-publishes every waiting job stamped with an old one.
+Which job gets an attempt message, and when, is renderq.jobs.scheduler's decision.
 """
 from __future__ import annotations
 
 import logging
 import time
 import uuid
-from datetime import datetime, timedelta
 from typing import Optional
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import select
 
 from config.kinds import get_kind
 from renderq.db import db
-from renderq.enums import TERMINAL_STATUSES, Status
+from renderq.enums import TERMINAL_STATUSES
 from renderq.jobs.lifecycle import Finished
 from renderq.models import Job
 from renderq.runtime import celery_app, redis_client
 
 log = logging.getLogger(__name__)
 
-EPOCH_KEY = "renderq:broker-epoch"
 BACKGROUND_RUNS_KEY = "renderq:background-processor-runs"
 ATTEMPT_TASK = "renderq.jobs.attempt"
 DELIVER_TASK = "renderq.notifications.deliver"
 
 
-def broker_epoch() -> str:
-    client = redis_client()
-    if client.set(EPOCH_KEY, str(uuid.uuid4()), nx=True):
-        log.info("📋 [QUEUE] a new broker epoch began (first start, or Redis lost its data)")
-    return client.get(EPOCH_KEY).decode()
+def _send(name: str, **options: object) -> None:
+    # Status lives in PostgreSQL: nobody waits on a Celery result, so none is subscribed to
+    # (send_task would otherwise open a result-backend subscription for every message).
+    celery_app().send_task(name, ignore_result=True, **options)
 
 
-def mark_published(job_id: uuid.UUID, epoch: str) -> None:
-    db.session.execute(update(Job).where(Job.id == job_id).values(broker_epoch=epoch, published_at=func.now()))
-    db.session.commit()
-
-
-def publish_attempt(job_id: uuid.UUID, kind: str, countdown: Optional[float] = None,
-                    ticket: Optional[uuid.UUID] = None) -> None:
-    """Send one attempt of a committed job to the workers, and remember which broker has it."""
-    epoch = broker_epoch()
+def publish_attempt(job_id: uuid.UUID, ticket: uuid.UUID, kind: str) -> None:
+    """Send the attempt the scheduler gave `ticket` to (after its commit)."""
     job_kind = get_kind(kind)
-    kwargs = {"kind": kind, **({"ticket": str(ticket)} if ticket else {})}
     # The task id is the job id: every message of a job shares it, so a cancel can revoke them all.
-    celery_app().send_task(ATTEMPT_TASK, args=[str(job_id)], kwargs=kwargs, task_id=str(job_id), countdown=countdown,
-                           soft_time_limit=job_kind.soft_time_limit, time_limit=job_kind.hard_time_limit)
-    mark_published(job_id, epoch)
-    log.info("📋 [QUEUE] job %s published%s", job_id, "" if not countdown else " to run in %.3gs" % countdown)
+    _send(ATTEMPT_TASK, args=[str(job_id)], kwargs={"ticket": str(ticket), "kind": kind}, task_id=str(job_id),
+          soft_time_limit=job_kind.soft_time_limit, time_limit=job_kind.hard_time_limit)
+    log.info("📋 [QUEUE] job %s: attempt message sent", job_id, extra={"job_id": str(job_id)})
 
 
-def try_publish(job_id: uuid.UUID, kind: str) -> bool:
-    """Publish after commit; a broker outage leaves the job pending for the reconciler."""
-    try:
-        publish_attempt(job_id, kind)
-        return True
-    except Exception:
-        log.warning("📋 [QUEUE] job %s stays pending: the broker refused it; the reconciler will publish it",
-                    job_id, exc_info=True)
-        return False
-
-
-def unpublished(epoch: str, grace: timedelta) -> list[tuple[uuid.UUID, str, Optional[datetime]]]:
-    """Jobs waiting for a message the broker does not have (never published, or lost with the
-    broker's data), and retries whose message is overdue (held by a worker that died)."""
-    overdue_retry = and_(Job.status == Status.RETRYING, Job.next_retry_at < func.now() - grace,
-                         Job.published_at < func.now() - grace)
-    lost = and_(Job.status.in_((Status.PENDING, Status.RETRYING)),
-                or_(Job.broker_epoch.is_(None), Job.broker_epoch != epoch),
-                Job.updated_at < func.now() - timedelta(seconds=2))
-    rows = db.session.execute(
-        select(Job.id, Job.kind, Job.next_retry_at).where(or_(lost, overdue_retry)).limit(1000)
-    ).all()
-    db.session.rollback()
-    return [(row.id, row.kind, row.next_retry_at) for row in rows]
+def publish_timer(job_id: uuid.UUID, kind: str, countdown: float) -> None:
+    """A message without a ticket, due in `countdown` seconds: when it arrives the job's retry
+    is due and the scheduler sends it an attempt as soon as a slot is free."""
+    _send(ATTEMPT_TASK, args=[str(job_id)], kwargs={"kind": kind}, task_id=str(job_id), countdown=countdown)
 
 
 def publish_delivery(notification_id: int, countdown: Optional[float] = None) -> None:
-    celery_app().send_task(DELIVER_TASK, args=[notification_id], countdown=countdown)
+    _send(DELIVER_TASK, args=[notification_id], countdown=countdown)
 
 
 def finished_channel(job_id: uuid.UUID) -> str:

@@ -6,7 +6,18 @@ import uuid
 from datetime import datetime
 from typing import Any, Optional
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, String, Text, func, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    String,
+    Text,
+    func,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from renderq.db import db
@@ -31,6 +42,11 @@ class User(db.Model):
     locale: Mapped[Optional[str]] = mapped_column(String(8))
     webhook_url: Mapped[Optional[str]] = mapped_column(Text)
     safety_agreed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    # Fair scheduling (renderq.jobs.scheduler): the most generator calls this user may have in
+    # flight (and their weight: a user with 3 gets three turns to another's one); None = the default.
+    max_inflight: Mapped[Optional[int]]
+    # The fair-queue tag of this user's latest job: the next one queues behind it.
+    fair_tag: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = _now_column()
 
 
@@ -39,7 +55,7 @@ class Photo(db.Model):
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
-    path: Mapped[str] = mapped_column(Text)  # relative to MEDIA_ROOT
+    path: Mapped[str] = mapped_column(Text)  # the key in renderq.storage
     content_type: Mapped[str] = mapped_column(String(64))
     width: Mapped[int]
     height: Mapped[int]
@@ -64,13 +80,18 @@ class Job(db.Model):
     next_retry_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     error_code: Mapped[Optional[str]] = mapped_column(String(64))
     error_detail: Mapped[Optional[str]] = mapped_column(Text)  # internal: never shown to users
-    result_path: Mapped[Optional[str]] = mapped_column(Text)
-    # The claim of the running attempt: a fencing token and a lease the attempt renews.
+    result_path: Mapped[Optional[str]] = mapped_column(Text)  # the key in renderq.storage
+    # The job's place in the fair queue (renderq.jobs.scheduler): lowest tag goes first.
+    fair_tag: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The attempt message out in the broker: only a message carrying this token may start the
+    # attempt, so a lost message can be replaced and a stale one steps aside.
+    dispatch_token: Mapped[Optional[uuid.UUID]]
+    dispatched_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    # The running attempt: a fencing token and a lease it renews, by the database's clock.
     lease_token: Mapped[Optional[uuid.UUID]]
     lease_expires_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
-    # Which life of the broker holds this job's message (see renderq.broker).
-    broker_epoch: Mapped[Optional[str]] = mapped_column(String(36))
-    published_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    attempt_started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    worker_host: Mapped[Optional[str]] = mapped_column(String(255))  # the worker that ran the latest attempt
     created_at: Mapped[datetime] = _now_column()
     started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
@@ -79,19 +100,22 @@ class Job(db.Model):
     @property
     def result_url(self) -> Optional[str]:
         """Where the rendered image is served, once the job has succeeded."""
-        if self.outcome != Outcome.SUCCEEDED:
-            return None
-        if self.photo_id is not None:
-            return "/api/photos/%s/result" % self.photo_id
-        return "/api/jobs/%s/result" % self.id
+        return "/api/jobs/%s/result" % self.id if self.outcome == Outcome.SUCCEEDED else None
 
     __table_args__ = (
         Index("ix_jobs_user_created", "user_id", text("created_at DESC"), text("id DESC")),
         Index("ix_jobs_photo_created", "photo_id", text("created_at DESC")),
         Index("ix_jobs_status_kind", "status", "kind"),
-        Index("ix_jobs_pending_queue", "created_at", "id", postgresql_where=text("status = 'pending'")),
-        Index("ix_jobs_due", "status", "next_retry_at",
-              postgresql_where=text("status IN ('pending', 'retrying', 'pending_background_retry')")),
+        # The fair queue: pending jobs without an attempt message, in tag order.
+        Index("ix_jobs_fair_queue", "fair_tag", "id",
+              postgresql_where=text("status = 'pending' AND dispatch_token IS NULL")),
+        Index("ix_jobs_due_retries", "next_retry_at",
+              postgresql_where=text("status = 'retrying' AND dispatch_token IS NULL")),
+        Index("ix_jobs_background_queue", "updated_at",
+              postgresql_where=text("status = 'pending_background_retry'")),
+        # What holds a generator slot: a running attempt, or an attempt message out.
+        Index("ix_jobs_in_flight", "user_id",
+              postgresql_where=text("status = 'processing' OR dispatch_token IS NOT NULL")),
         Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'processing'")),
         Index("ix_jobs_completed_at", "completed_at", postgresql_where=text("completed_at IS NOT NULL")),
     )
@@ -169,3 +193,37 @@ class JobAttempt(db.Model):
     duration_ms: Mapped[int]
 
     __table_args__ = (Index("ix_job_attempts_started", "started_at"),)
+
+
+class Blob(db.Model):
+    """Uploads and results when STORAGE_BACKEND=postgres: every host reads them, and a result
+    is written in the transaction that finishes its job."""
+    __tablename__ = "blobs"
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = _now_column()
+
+
+class WorkerHost(db.Model):
+    """An attempts worker that is up: its slots are what the scheduler may fill. A worker
+    renews its row while it runs; one whose row has expired is gone."""
+    __tablename__ = "worker_hosts"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    slots: Mapped[int]
+    pool: Mapped[str] = mapped_column(String(32))
+    # The GENERATOR_MAX_INFLIGHT this worker runs with (0: none). The cap that holds is the
+    # smallest any live worker announces, so a web host's own setting cannot widen it.
+    generator_cap: Mapped[int] = mapped_column(default=0, server_default="0")
+    started_at: Mapped[datetime] = _now_column()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SchedulerClock(db.Model):
+    """One row: the fair tag of the last job dispatched. New jobs of a user who was idle queue
+    from here, so past use is not held against anybody."""
+    __tablename__ = "scheduler_clock"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    fair_tag: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from config import Settings
@@ -67,8 +67,24 @@ def inbox(user_id: int, limit: int = 50) -> list[Notification]:
         .order_by(Notification.created_at.desc(), Notification.id.desc()).limit(limit)).scalars())
 
 
+# What GET /api/me/notifications says of a notification's webhook, derived from its columns:
+# delivered (delivered_at), pending (a next delivery time), failed (given up, last error
+# kept), none (the user had no webhook_url when the job finished).
+DELIVERED, PENDING, FAILED, NO_WEBHOOK = "delivered", "pending", "failed", "none"
+WEBHOOK_URL_REMOVED = "not delivered: the webhook_url was removed"
+
+
+def delivery_state(notification: Notification) -> str:
+    if notification.delivered_at is not None:
+        return DELIVERED
+    if notification.next_delivery_at is not None:
+        return PENDING
+    return FAILED if notification.last_delivery_error else NO_WEBHOOK
+
+
 @dataclass(frozen=True)
 class Delivery:
+    """One claimed delivery attempt; `attempts` counts it, and fences what it records."""
     notification_id: int
     job_id: uuid.UUID
     url: str
@@ -77,44 +93,86 @@ class Delivery:
     attempts: int
 
 
+def _due(notification_id: int):
+    # A second of slack: a Celery countdown may fire a little before the time it was set for.
+    return and_(Notification.id == notification_id, Notification.delivered_at.is_(None),
+                Notification.next_delivery_at <= func.now() + timedelta(seconds=1))
+
+
 def claim_delivery(notification_id: int, hold_seconds: float) -> Optional[Delivery]:
     """Take a due, undelivered notification for one delivery attempt, pushing its next
-    delivery time past this attempt so nobody else sends it meanwhile."""
+    delivery time `hold_seconds` ahead so that nobody else sends it meanwhile (a redelivered
+    message steps aside, the reconciler waits). The attempt must end well within the hold.
+
+    None if it is not due (delivered, scheduled later, or held by an attempt in flight), or if
+    its user has no webhook_url any more, which ends the delivery for good."""
     row = db.session.execute(
         update(Notification)
-        .where(Notification.id == notification_id, Notification.delivered_at.is_(None),
-               Notification.next_delivery_at <= func.now() + timedelta(seconds=1))
+        .where(_due(notification_id), Notification.user_id == User.id, User.webhook_url.is_not(None))
         .values(next_delivery_at=func.now() + timedelta(seconds=hold_seconds),
                 delivery_attempts=Notification.delivery_attempts + 1)
-        .returning(Notification.job_id, Notification.user_id, Notification.webhook_id, Notification.payload,
-                   Notification.delivery_attempts)
+        .returning(Notification.job_id, Notification.webhook_id, Notification.payload,
+                   Notification.delivery_attempts, User.webhook_url)
     ).first()
-    url = db.session.get(User, row.user_id).webhook_url if row else None
+    if row is None:
+        db.session.execute(
+            update(Notification)
+            .where(_due(notification_id), Notification.user_id.in_(select(User.id).where(User.webhook_url.is_(None))))
+            .values(next_delivery_at=None, last_delivery_error=WEBHOOK_URL_REMOVED))
     db.session.commit()
-    if row is None or not url:
+    if row is None:
         return None
-    return Delivery(notification_id, row.job_id, url, row.webhook_id, row.payload, row.delivery_attempts)
+    return Delivery(notification_id, row.job_id, row.webhook_url, row.webhook_id, row.payload, row.delivery_attempts)
 
 
-def _update(notification_id: int, **values: Any) -> None:
-    db.session.execute(update(Notification).where(Notification.id == notification_id).values(**values))
+def _record(delivery: Delivery, *conditions: Any, **values: Any) -> bool:
+    """Record an attempt's outcome unless another claim has taken the notification since."""
+    done = db.session.execute(
+        update(Notification)
+        .where(Notification.id == delivery.notification_id, Notification.delivered_at.is_(None),
+               Notification.delivery_attempts == delivery.attempts, *conditions)
+        .values(**values).returning(Notification.id)).first()
+    db.session.commit()
+    return done is not None
+
+
+def mark_delivered(delivery: Delivery) -> None:
+    # Whoever claimed since, this attempt was answered: that stays true.
+    db.session.execute(
+        update(Notification)
+        .where(Notification.id == delivery.notification_id, Notification.delivered_at.is_(None))
+        .values(delivered_at=func.now(), next_delivery_at=None, last_delivery_error=None))
     db.session.commit()
 
 
-def mark_delivered(notification_id: int) -> None:
-    _update(notification_id, delivered_at=func.now(), next_delivery_at=None, last_delivery_error=None)
+def schedule_redelivery(delivery: Delivery, delay: float, error: str) -> bool:
+    """Whether another attempt was scheduled: not if the delivery was ended meanwhile (the
+    webhook_url removed) or claimed again."""
+    return _record(delivery, Notification.next_delivery_at.is_not(None),
+                   next_delivery_at=func.now() + timedelta(seconds=delay), last_delivery_error=error[:500])
 
 
-def schedule_redelivery(notification_id: int, delay: float, error: str) -> None:
-    _update(notification_id, next_delivery_at=func.now() + timedelta(seconds=delay), last_delivery_error=error[:500])
+def give_up(delivery: Delivery, error: str) -> bool:
+    """End the delivery for good (state failed), keeping why."""
+    return _record(delivery, Notification.next_delivery_at.is_not(None),
+                   next_delivery_at=None, last_delivery_error=error[:500])
 
 
-def give_up(notification_id: int, error: str) -> None:
-    _update(notification_id, next_delivery_at=None, last_delivery_error=error[:500])
+def end_pending_deliveries(user_id: int) -> None:
+    """The user removed their webhook_url: their pending deliveries end now (in the caller's
+    transaction) instead of being claimed again and again. An attempt in flight finishes; what
+    it records cannot revive the delivery."""
+    db.session.execute(
+        update(Notification)
+        .where(Notification.user_id == user_id, Notification.delivered_at.is_(None),
+               Notification.next_delivery_at.is_not(None))
+        .values(next_delivery_at=None, last_delivery_error=WEBHOOK_URL_REMOVED))
 
 
 def overdue_deliveries(grace: timedelta) -> list[int]:
-    """Deliveries whose message was lost (broker data loss, a worker that died)."""
+    """Deliveries whose message was lost (broker data loss, a worker that died): due more
+    than `grace` ago. An attempt in flight holds next_delivery_at past its own end, so it is
+    never among them; a delivery given up or ended has none."""
     ids = list(db.session.execute(
         select(Notification.id).where(Notification.delivered_at.is_(None),
                                       Notification.next_delivery_at < func.now() - grace).limit(500)).scalars())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from sqlalchemy import Select, func, select, text, tuple_
+from sqlalchemy import func, select, text
 
 from config.kinds import KINDS
 from renderq.db import db
@@ -54,13 +54,3 @@ def background(user_id: Optional[int]) -> dict:
         "by_kind": {kind: sum(statuses.values()) for kind, statuses in by_kind.items()},
     }
 
-
-def jobs_ahead(job: Job) -> Select:
-    """The count of pending jobs taken before `job`: it reads the partial index of pending jobs
-    (ix_jobs_pending_queue), so finished jobs, however many, cost nothing."""
-    return select(func.count()).select_from(Job).where(
-        Job.status == Status.PENDING, tuple_(Job.created_at, Job.id) < tuple_(job.created_at, job.id))
-
-
-def queue_position(job: Job) -> Optional[int]:
-    return db.session.execute(jobs_ahead(job)).scalar_one() if job.status == Status.PENDING else None

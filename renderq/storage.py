@@ -1,33 +1,93 @@
-"""Files under MEDIA_ROOT: uploaded photos and rendered results, stored by relative path."""
+"""Where uploads and results live, by key: PostgreSQL (the default), or a directory.
+
+PostgreSQL works across hosts with no shared disk and no other service, and its writes join
+the caller's transaction: a photo exists exactly when its job does, and a result is written
+by the transaction that finishes the job, so an attempt that lost its claim writes nothing.
+A directory (STORAGE_BACKEND=filesystem, under MEDIA_ROOT) suits one host or a shared volume;
+its writes happen at once, so each attempt writes a key of its own and deletes only that.
+"""
 from __future__ import annotations
 
 import os
 import tempfile
+from typing import Iterable, Protocol
+
+from sqlalchemy import delete, select
+from sqlalchemy.dialects.postgresql import insert
+
+from renderq.db import db
+from renderq.models import Blob
+from renderq.runtime import settings
 
 
-def absolute_path(media_root: str, relative: str) -> str:
-    return os.path.join(media_root, relative)
+class Storage(Protocol):
+    transactional: bool  # put and delete join the caller's database transaction
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def get(self, key: str) -> bytes:
+        """The bytes under `key`; KeyError if there are none."""
+
+    def delete(self, keys: Iterable[str]) -> None: ...
 
 
-def save(media_root: str, relative: str, data: bytes) -> str:
-    """Write atomically, so a reader never sees half a file; returns `relative`."""
-    target = absolute_path(media_root, relative)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".partial-")
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
-    os.replace(temporary, target)
-    return relative
+class PostgresStorage:
+    transactional = True
+
+    def put(self, key: str, data: bytes) -> None:
+        db.session.execute(insert(Blob).values(key=key, data=data)
+                           .on_conflict_do_update(index_elements=[Blob.key], set_={"data": data}))
+
+    def get(self, key: str) -> bytes:
+        data = db.session.execute(select(Blob.data).where(Blob.key == key)).scalar()
+        if data is None:
+            raise KeyError(key)
+        return data
+
+    def delete(self, keys: Iterable[str]) -> None:
+        db.session.execute(delete(Blob).where(Blob.key.in_(list(keys))))
 
 
-def read(media_root: str, relative: str) -> bytes:
-    with open(absolute_path(media_root, relative), "rb") as handle:
-        return handle.read()
+class FilesystemStorage:
+    transactional = False
 
+    def __init__(self, root: str):
+        self.root = root
 
-def delete(media_root: str, relative: str | None) -> None:
-    if relative:
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, key)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Written atomically, so a reader never sees half a file."""
+        target = self._path(key)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".partial-")
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, target)
+
+    def get(self, key: str) -> bytes:
         try:
-            os.remove(absolute_path(media_root, relative))
+            with open(self._path(key), "rb") as handle:
+                return handle.read()
         except FileNotFoundError:
-            pass
+            raise KeyError(key) from None
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            try:
+                os.remove(self._path(key))
+            except FileNotFoundError:
+                pass
+
+
+def storage() -> Storage:
+    config = settings()
+    if config.storage_backend == "filesystem":
+        return FilesystemStorage(config.media_root)
+    return PostgresStorage()
+
+
+def result_key(job_id: object, lease_token: object) -> str:
+    """A result's key: one per attempt, so an attempt never overwrites or deletes another's."""
+    return "results/%s/%s.png" % (job_id, lease_token)

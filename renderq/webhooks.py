@@ -1,34 +1,33 @@
 """Webhook delivery: a notification POSTed as JSON to the user's URL, signed the Standard
-Webhooks way with WEBHOOK_SECRET.
+Webhooks way with WEBHOOK_SECRET, one attempt at a time, until it is answered with a 2xx or
+WEBHOOK_RETRY_DELAYS is used up.
 
 `webhook-id` is the notification's own id, stable across redeliveries, so receivers can drop
-duplicates; the signature covers id, timestamp and body.
+duplicates; the signature covers id, timestamp and body. How the receiver is reached (which
+addresses, the deadline, no redirects) is renderq.webhook_http.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
-import socket
 from datetime import datetime, timezone
-from urllib.parse import urlsplit
 
-import requests
 from standardwebhooks.webhooks import Webhook
 
+from config import Settings
 from renderq import notify
 from renderq.logs import job_logging
 from renderq.runtime import settings
+from renderq.webhook_http import DEADLINE_SECONDS, Deadline, DeliveryFailed, UnsafeUrl, post
 
 log = logging.getLogger(__name__)
 
-MAX_DELIVERY_ATTEMPTS = 8
-DELIVERY_TIMEOUT = 10
-METADATA_HOSTS = {"metadata.google.internal", "metadata", "instance-data", "metadata.azure.com"}
-
-
-class UnsafeUrl(ValueError):
-    pass
+# A claim holds the notification this much longer than an attempt's deadline, so the attempt
+# has ended (its connection reset) before anyone may claim it again: a redelivered message or
+# the reconciler never starts a second, concurrent POST of one notification. The margin
+# covers the claim's second of slack and recording the outcome.
+HOLD_MARGIN_SECONDS = 5.0
+CLAIM_HOLD_SECONDS = DEADLINE_SECONDS + HOLD_MARGIN_SECONDS
 
 
 class RedeliverLater(Exception):
@@ -39,31 +38,8 @@ class RedeliverLater(Exception):
         self.delay = delay
 
 
-def check_url(url: str) -> str:
-    """The URL if renderq may POST to it; UnsafeUrl saying why not otherwise.
-
-    Checked when it is set and again before each delivery (DNS may change in between)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UnsafeUrl("webhook_url must be an http:// or https:// URL with a host")
-    host = parts.hostname.lower()
-    if host in METADATA_HOSTS:
-        raise UnsafeUrl("webhook_url may not point at a cloud metadata service")
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, parts.port or 443, proto=socket.IPPROTO_TCP)}
-    except (socket.gaierror, UnicodeError):
-        raise UnsafeUrl("webhook_url's host %s does not resolve" % host) from None
-    for address in addresses:
-        ip = ipaddress.ip_address(address.split("%")[0])
-        if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved or \
-                str(ip) in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200"):
-            raise UnsafeUrl("webhook_url may not point at a link-local, metadata or reserved address (%s)" % ip)
-    return url
-
-
-def backoff(attempt: int) -> float:
-    """Seconds before delivery attempt `attempt + 1`: 1, 2, 4 ... capped at ten minutes."""
-    return min(2.0 ** (attempt - 1), 600.0)
+def max_attempts(config: Settings) -> int:
+    return 1 + len(config.webhook_retry_delays)
 
 
 def signed_headers(secret: str, webhook_id: str, body: str) -> dict:
@@ -76,29 +52,50 @@ def signed_headers(secret: str, webhook_id: str, body: str) -> dict:
     }
 
 
+def describe_status(status: int) -> str:
+    if 300 <= status < 400:
+        return "HTTP %d: redirects are not followed" % status
+    return "HTTP %d" % status
+
+
 def deliver(notification_id: int) -> None:
     """One delivery attempt of a notification, if it is due; raises RedeliverLater when
     another attempt should follow."""
-    delivery = notify.claim_delivery(notification_id, DELIVERY_TIMEOUT + 5)
+    deadline = Deadline(DEADLINE_SECONDS)  # started before the claim, so it ends inside the hold
+    delivery = notify.claim_delivery(notification_id, CLAIM_HOLD_SECONDS)
     if delivery is None:
-        return  # delivered already, not due, or a redelivered copy of a message being handled
+        return  # delivered, not due, held by an attempt in flight, or no webhook_url any more
+    config = settings()
     with job_logging(delivery.job_id):
+        if delivery.attempts > max_attempts(config):  # the last attempt's worker died before recording it
+            notify.give_up(delivery, "gave up after %d attempts" % max_attempts(config))
+            return
         body = json.dumps(delivery.payload, ensure_ascii=False, separators=(",", ":"))
+        headers = signed_headers(config.webhook_secret, delivery.webhook_id, body)
         try:
-            check_url(delivery.url)
-            response = requests.post(delivery.url, data=body.encode(), timeout=DELIVERY_TIMEOUT,
-                                     headers=signed_headers(settings().webhook_secret, delivery.webhook_id, body))
-            response.raise_for_status()
-        except (requests.RequestException, UnsafeUrl) as error:
-            if delivery.attempts >= MAX_DELIVERY_ATTEMPTS or isinstance(error, UnsafeUrl):
-                notify.give_up(notification_id, str(error))
-                log.warning("❌ [ERROR_HANDLER] webhook %s abandoned after %d attempts: %s",
-                            delivery.webhook_id, delivery.attempts, error)
-                return
-            delay = backoff(delivery.attempts)
-            notify.schedule_redelivery(notification_id, delay, str(error))
-            log.info("❌ [ERROR_HANDLER] webhook %s attempt %d failed (%s); again in %ss",
-                     delivery.webhook_id, delivery.attempts, error, delay)
-            raise RedeliverLater(delay, error) from error
-        notify.mark_delivered(notification_id)
+            status = post(delivery.url, body.encode(), headers, config.webhook_allowed_networks, deadline)
+            if not 200 <= status < 300:
+                raise DeliveryFailed(describe_status(status))
+        except UnsafeUrl as refused:
+            notify.give_up(delivery, str(refused))
+            log.warning("❌ [ERROR_HANDLER] webhook %s refused, not delivered: %s", delivery.webhook_id, refused)
+            return
+        except DeliveryFailed as failure:
+            _failed(delivery, failure, config)
+            return
+        notify.mark_delivered(delivery)
         log.info("📋 [QUEUE] webhook %s delivered (attempt %d)", delivery.webhook_id, delivery.attempts)
+
+
+def _failed(delivery: notify.Delivery, failure: DeliveryFailed, config: Settings) -> None:
+    if delivery.attempts >= max_attempts(config):
+        if notify.give_up(delivery, "%s (gave up after %d attempts)" % (failure, delivery.attempts)):
+            log.warning("❌ [ERROR_HANDLER] webhook %s abandoned after %d attempts: %s",
+                        delivery.webhook_id, delivery.attempts, failure)
+        return
+    delay = config.webhook_retry_delays[delivery.attempts - 1]
+    if not notify.schedule_redelivery(delivery, delay, str(failure)):
+        return  # ended meanwhile (webhook_url removed) or claimed again: nothing to retry here
+    log.info("❌ [ERROR_HANDLER] webhook %s attempt %d failed (%s); again in %ss",
+             delivery.webhook_id, delivery.attempts, failure, delay)
+    raise RedeliverLater(delay, failure) from failure

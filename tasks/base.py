@@ -1,13 +1,9 @@
 """Task classes: every task runs inside the Flask app's context; attempts retry on the ladder."""
 from __future__ import annotations
 
-import uuid
-
 from celery import Task
-from celery.exceptions import Retry
 from flask import Flask, current_app, has_app_context
 
-from renderq import broker
 from renderq.jobs.policy import RetryLater
 
 
@@ -27,17 +23,14 @@ class LadderTask(AppContextTask):
     """`autoretry_for` with the fast ladder's countdowns.
 
     The attempt decides the delay from the job row (renderq.jobs.policy) and raises
-    RetryLater(countdown), or Throttled when no generator slot is free; Celery's own retry
-    machinery re-publishes the message, and the job records which broker epoch holds it.
+    RetryLater(countdown); Celery's own retry machinery sends the message again after it. The
+    message goes without the attempt's ticket: when it arrives, the job is due and waits for
+    a free slot like any other (renderq.jobs.scheduler).
     """
 
     def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None,
               max_retries=None, **options):
-        if not isinstance(exc, RetryLater):
-            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
-        epoch = broker.broker_epoch()
-        try:
-            return super().retry(args, kwargs, exc, throw, eta, exc.countdown, max_retries, **options)
-        except Retry:
-            broker.mark_published(uuid.UUID(self.request.args[0]), epoch)
-            raise
+        if isinstance(exc, RetryLater):
+            countdown = exc.countdown
+            kwargs = {"kind": (self.request.kwargs or {}).get("kind")}
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)

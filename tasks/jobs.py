@@ -5,8 +5,8 @@ import uuid
 from typing import Optional
 
 from celery import shared_task
-from sqlalchemy.exc import DBAPIError
 
+from renderq.jobs import scheduler
 from renderq.jobs.attempt import run_attempt
 from renderq.jobs.policy import RetryLater
 from tasks.base import LadderTask
@@ -16,13 +16,16 @@ from tasks.base import LadderTask
     bind=True,
     base=LadderTask,
     name="renderq.jobs.attempt",
-    # RetryLater (and Throttled) carry their countdown; a database outage retries after the default delay.
-    autoretry_for=(RetryLater, DBAPIError),
-    default_retry_delay=5,
-    max_retries=None,  # the job row counts attempts; a re-published message must not reset them
+    autoretry_for=(RetryLater,),  # the fast ladder: the countdown comes from the job row
+    max_retries=None,  # the job row counts attempts; a message sent again must not reset them
     acks_late=True,
     reject_on_worker_lost=True,
 )
 def attempt(self: LadderTask, job_id: str, ticket: Optional[str] = None, kind: Optional[str] = None) -> None:
-    """One attempt of a job. `kind` only labels the message, so Flower lists attempts by kind."""
-    run_attempt(uuid.UUID(job_id), uuid.UUID(ticket) if ticket else None)
+    """One attempt of a job, for the message carrying the scheduler's `ticket`. A message
+    without one is the ladder's countdown running out: the job is due again and the scheduler
+    sends it an attempt when a slot is free. `kind` only labels the message for Flower."""
+    if ticket is None:
+        scheduler.retry_due(uuid.UUID(job_id))
+        return
+    run_attempt(uuid.UUID(job_id), uuid.UUID(ticket), self.request.hostname or "unknown")

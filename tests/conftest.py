@@ -32,7 +32,11 @@ FAST_TIMINGS = {
     "QUEUE_CHECK_INTERVAL": "0.5",
     "BACKGROUND_PROCESSING_INTERVAL": "700",
     "JOB_LEASE_SECONDS": "2",
+    "WEBHOOK_RETRY_DELAYS": "0.3,0.6,0.9",
 }
+
+# The tests' webhook receivers listen on loopback, which renderq refuses unless allow-listed.
+WEBHOOK_ALLOWED_NETWORKS = "127.0.0.0/8"
 
 
 BASE_DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -64,7 +68,7 @@ def log_dir(tmp_path_factory) -> Path:
 def base_env(database_url, redis_url, tmp_path_factory) -> dict:
     env = {key: value for key, value in os.environ.items() if not key.startswith("GENERATOR_")}
     env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, APP_ENV="production", WEBHOOK_SECRET=WEBHOOK_SECRET,
-               MEDIA_ROOT=str(tmp_path_factory.mktemp("media")), **FAST_TIMINGS)
+               WEBHOOK_ALLOWED_NETWORKS=WEBHOOK_ALLOWED_NETWORKS, MEDIA_ROOT=str(tmp_path_factory.mktemp("media")), **FAST_TIMINGS)
     return env
 
 

@@ -73,8 +73,8 @@ class Process:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def start_generator(env: dict, log_dir: Path) -> tuple[Process, str]:
-    port = free_port()
+def start_generator(env: dict, log_dir: Path, port: int | None = None) -> tuple[Process, str]:
+    port = port or free_port()
     process = Process("generator", [str(BIN / "gunicorn"), "--bind", "127.0.0.1:%d" % port, "--workers", "1",
                                     "--worker-class", "gthread", "--threads", "32", "generator:create_app()"],
                       env, log_dir).start()

@@ -30,6 +30,8 @@ def test_flower_needs_the_login_and_shows_attempts_by_kind(client, make_user, st
         wait_for(lambda: _status(url + "/") == 401, timeout=60, what="Flower to answer")
         assert requests.get(url + "/", auth=CREDENTIALS, timeout=5).status_code == 200
         assert requests.get(url + "/", auth=("ops", "wrong"), timeout=5).status_code == 401
+        assert requests.get(url + "/metrics", timeout=5).status_code == 401  # Prometheus scrapes with the login
+        assert requests.get(url + "/metrics", auth=CREDENTIALS, timeout=5).status_code == 200
 
         _, token = make_user()
         job_id = upload(client, token).get_json()["id"]
@@ -38,10 +40,11 @@ def test_flower_needs_the_login_and_shows_attempts_by_kind(client, make_user, st
         def listed() -> dict | None:
             tasks = requests.get(url + "/api/tasks", params={"taskname": "renderq.jobs.attempt"},
                                  auth=CREDENTIALS, timeout=5).json()
-            return next((task for task in tasks.values() if job_id in str(task.get("args"))), None)
+            return next((task for task in tasks.values()
+                         if job_id in str(task.get("args")) and task["state"] == "SUCCESS"), None)
 
-        task = wait_for(listed, timeout=30, what="Flower to list the attempt")
-        assert "photo.render" in str(task["kwargs"]) and task["state"] == "SUCCESS"
+        task = wait_for(listed, timeout=30, what="Flower to list the attempt as succeeded")
+        assert "photo.render" in str(task["kwargs"])
         dashboard = requests.get(url + "/tasks", auth=CREDENTIALS, timeout=5)
         assert dashboard.status_code == 200 and "Flower" in dashboard.text
     finally:

@@ -15,7 +15,7 @@ from tests.conftest import WEBHOOK_SECRET, generator_calls, job_json, upload, wa
 from tests.support import free_port, wait_for
 from renderq.db import db
 from renderq.messages import BLOCK_MESSAGES
-from renderq.models import LedgerEntry, Notification
+from renderq.models import LedgerEntry, Notification, User
 
 
 class Receiver:
@@ -84,6 +84,7 @@ def test_success_notifies_once_with_a_verifiable_webhook(client, make_user, stac
     assert payload["result_url"] == job["result_url"]
     items = inbox(client, token)
     assert len(items) == 1 and items[0]["webhook_id"] == headers["webhook-id"] and items[0]["delivered_at"]
+    assert items[0]["delivery"] == {"state": "delivered", "attempts": 1, "last_error": None}
     time.sleep(1.5)  # reconciler runs: nothing more arrives
     assert len(hook.posts) == 1
 
@@ -102,6 +103,7 @@ def test_a_failing_receiver_gets_the_same_notification_again_until_it_accepts(cl
         assert Webhook(WEBHOOK_SECRET).verify(body, headers)["event"] == "job.blocked"
     time.sleep(2)
     assert len(hook.posts) == 3 and inbox(client, token)[0]["delivered_at"]
+    assert inbox(client, token)[0]["delivery"] == {"state": "delivered", "attempts": 3, "last_error": None}
 
 
 def test_retries_notify_only_the_final_success(client, make_user, stack, receiver):
@@ -172,9 +174,25 @@ def test_worker_killed_after_the_capture_and_a_redelivered_message_change_nothin
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/hook", "http://169.254.169.254/latest/meta-data",
-                                 "http://[fe80::1]/hook", "http://metadata.google.internal/", "not a url"])
+                                 "http://[fe80::1]/hook", "http://metadata.google.internal/", "not a url",
+                                 "http://10.0.0.1/hook", "http://[::1]:8080/hook"])
 def test_unsafe_webhook_urls_are_refused(client, make_user, url):
     _, token = make_user()
     response = client.patch("/api/me", json={"webhook_url": url}, headers=auth(token))
     assert response.status_code == 400 and response.get_json()["error"]["code"] == "INVALID_WEBHOOK_URL"
     assert client.get("/api/me", headers=auth(token)).get_json()["webhook_url"] is None
+
+
+def test_users_create_and_update_check_the_webhook_url_the_same_way(app, make_user):
+    runner = app.test_cli_runner()
+    created = runner.invoke(args=["users", "create", "--email", "cli-%s@example.com" % uuid.uuid4().hex[:8],
+                                  "--webhook-url", "http://192.168.1.1/hook"])
+    assert created.exit_code != 0 and "a private address" in created.output
+    user_id, _ = make_user()
+    with app.app_context():
+        email = db.session.get(User, user_id).email
+        db.session.rollback()
+    updated = runner.invoke(args=["users", "update", "--email", email, "--webhook-url", "http://[::1]:9000/hook"])
+    assert updated.exit_code != 0 and "a loopback address" in updated.output
+    allowed = runner.invoke(args=["users", "update", "--email", email, "--webhook-url", "http://127.0.0.1:9000/hook"])
+    assert allowed.exit_code == 0, allowed.output  # the tests' WEBHOOK_ALLOWED_NETWORKS names 127.0.0.0/8

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from pathlib import Path
 
 import yaml
 from sqlalchemy import func, select, text
@@ -13,28 +12,40 @@ from tests.conftest import job_json, upload, wait_terminal
 from tests.support import ROOT, Process, wait_for, worker_command
 from renderq.db import db
 from renderq.models import Job, LedgerEntry, Notification, Photo
+from renderq.storage import storage
 
 
 def auth(token: str) -> dict:
     return {"Authorization": "Bearer " + token}
 
 
+def stored(app, keys: list[str]) -> list[bool]:
+    with app.app_context():
+        found = []
+        for key in keys:
+            try:
+                found.append(bool(storage().get(key)))
+            except KeyError:
+                found.append(False)
+        return found
+
+
 def test_cleanup_purges_old_finished_jobs_and_their_files_but_keeps_the_ledger(app, client, make_user, stack):
     user_id, token = make_user()
     old = wait_terminal(client, token, upload(client, token).get_json()["id"])
     recent = wait_terminal(client, token, upload(client, token).get_json()["id"])
-    media = Path(app.extensions["renderq.settings"].media_root)
     with app.app_context():
         old_job = db.session.get(Job, uuid.UUID(old["id"]))
-        files = [media / old_job.result_path, media / db.session.get(Photo, old_job.photo_id).path]
-        assert all(path.exists() for path in files)
+        keys = [old_job.result_path, db.session.get(Photo, old_job.photo_id).path]
+    assert stored(app, keys) == [True, True]
+    with app.app_context():
         db.session.execute(text("UPDATE jobs SET completed_at = now() - interval '2 days' WHERE id = :id"),
                            {"id": old["id"]})
         db.session.commit()
     result = app.extensions["celery"].send_task("renderq.maintenance.cleanup")  # run by the real worker
     wait_for(lambda: client.get("/api/jobs/%s" % old["id"], headers=auth(token)).status_code == 404,
              what="the old job to be purged")
-    assert result.id and not any(path.exists() for path in files)
+    assert result.id and stored(app, keys) == [False, False]
     assert job_json(client, token, recent["id"])["status"] == "completed"
     with app.app_context():
         kept = db.session.execute(select(func.count()).select_from(LedgerEntry)

@@ -107,3 +107,8 @@ def test_celery_reliability_settings_take_effect(app):
     schedule = conf.beat_schedule
     assert schedule["background-processor"]["schedule"] == timedelta(milliseconds=settings.background_processing_interval_ms)
     assert schedule["reconciler"]["schedule"] == timedelta(seconds=settings.queue_check_interval)
+
+
+def test_a_retry_after_is_honoured_only_up_to_the_ladders_longest_step():
+    step = plan_after_transient_failure(1, 0, timedelta(0), DEFAULTS, retry_after=10 ** 9)
+    assert (step.status, step.retry_in) == ("retrying", 300)

@@ -68,13 +68,21 @@ def _all_succeed_once(system: PrivateSystem, token: str, job_ids: list[str], gen
 
 def test_redis_flushall_after_jobs_are_accepted_loses_no_job(private, generator):
     token = private.new_user()
-    private.stack.worker.stop()  # so the accepted jobs sit in Redis when it loses them
-    job_ids = [upload(private.client, token).get_json()["id"] for _ in range(5)]
-    broker = redis.Redis.from_url(private.broker.url)
-    assert broker.llen("celery") == 5
-    broker.flushall()
-    assert broker.dbsize() == 0
-    private.stack.restart_worker()
+    control = private.app.extensions["celery"].control
+    attempts_worker = wait_for(lambda: [name for reply in control.ping(timeout=0.5) for name in reply
+                                        if name.startswith("celery@test-celery-")], what="the attempts worker")
+    # the worker stays up (its slots count) but takes nothing from the queue for a while
+    assert control.cancel_consumer("celery", destination=attempts_worker, reply=True)
+    try:
+        job_ids = [upload(private.client, token).get_json()["id"] for _ in range(5)]
+        broker = redis.Redis.from_url(private.broker.url)
+        # the scheduler sent messages for the worker's two free slots; three jobs wait in PostgreSQL
+        wait_for(lambda: broker.llen("celery") == 2, timeout=10, what="two attempt messages in Redis")
+        broker.flushall()
+        assert broker.dbsize() == 0
+    finally:  # a fresh worker: add_consumer would not survive the worker's next reconnect
+        private.stack.worker.stop()
+        private.stack.restart_worker()
     _all_succeed_once(private, token, job_ids, generator, most_calls=1)
     assert all(generator_calls(generator, job_id)["calls"] == 1 for job_id in job_ids)
 

@@ -1,6 +1,7 @@
 """The HTTP API: submitting work, reading and canceling jobs, health."""
 from __future__ import annotations
 
+import io
 import uuid
 from typing import Callable, Optional
 
@@ -62,17 +63,23 @@ def job_json(job: Job, status: int = 200) -> Response:
 def _result_file(job: Job) -> Response:
     if job.outcome != Outcome.SUCCEEDED or not job.result_path:
         raise Conflict("RESULT_NOT_READY", "The job is %s; the result exists once it has succeeded." % job.status)
-    return send_file(storage.absolute_path(settings().media_root, job.result_path), mimetype="image/png")
+    try:
+        image = storage.storage().get(job.result_path)
+    except KeyError:
+        raise Conflict("RESULT_GONE", "The job's result is no longer stored.") from None
+    return send_file(io.BytesIO(image), mimetype="image/png")
 
 
 def _accepted(job: Job) -> Response:
     """202 with the job; with `Prefer: wait=N`, 200 if it became terminal within N seconds."""
     wait = headers.prefer_wait()
     if wait and job.status not in TERMINAL_STATUSES:
-        job_id, user_id = job.id, g.user.id
-        broker.wait_until_terminal(job_id, wait)  # closes the session: reload what the answer needs
-        g.user = db.session.get(User, user_id)
-        job = db.session.get(Job, job_id)
+        with headers.waiting_room() as admitted:  # past the bound: an immediate 202
+            if admitted:
+                job_id, user_id = job.id, g.user.id
+                broker.wait_until_terminal(job_id, wait)  # closes the session: reload what the answer needs
+                g.user = db.session.get(User, user_id)
+                job = db.session.get(Job, job_id)
     if job.status in TERMINAL_STATUSES and wait is not None:
         return job_json(job, 200)
     response = job_json(job, 202)
@@ -90,7 +97,7 @@ def upload_photo() -> Response:
     params = submit.check_params(request.form.get("style"), request.form.get("prompt"))
     image = check_image(upload.read(), settings().max_upload_bytes)
     key = headers.idempotency_key()
-    return _accepted(submit.submit(g.user.id, kind, params, settings(), image=image, idempotency_key=key))
+    return _accepted(submit.submit(g.user.id, kind, params, image=image, idempotency_key=key))
 
 
 @blueprint.post("/api/jobs")
@@ -117,7 +124,7 @@ def create_job() -> Response:
             raise InvalidInput("INVALID_PHOTO_ID", "photo_id must be a string id from POST /api/photos.")
         photo = visible_photo(body["photo_id"])
     key = headers.idempotency_key()
-    return _accepted(submit.submit(g.user.id, kind, params, settings(), photo=photo, idempotency_key=key))
+    return _accepted(submit.submit(g.user.id, kind, params, photo=photo, idempotency_key=key))
 
 
 @blueprint.post("/api/jobs/<job_id>/cancel")

@@ -4,11 +4,11 @@ from __future__ import annotations
 from flask import Blueprint, Response, g, jsonify, request
 from sqlalchemy import func
 
+from renderq import notify
 from renderq.db import db
 from renderq.errors import InvalidInput
-from renderq.notify import inbox
 from renderq.runtime import settings
-from renderq.webhooks import UnsafeUrl, check_url
+from renderq.webhook_http import UnsafeUrl, check_url
 from webapp.auth import login_required
 from webapp.paging import whole_number
 from webapp.resources import iso
@@ -52,6 +52,8 @@ def update_me() -> Response:
         g.user.locale = changes["locale"]
     if "webhook_url" in changes:
         g.user.webhook_url = _checked_webhook_url(changes["webhook_url"])
+        if g.user.webhook_url is None:
+            notify.end_pending_deliveries(g.user.id)
     db.session.commit()
     return jsonify(profile())
 
@@ -64,7 +66,7 @@ def _checked_webhook_url(url: object) -> str | None:
     if not settings().webhook_secret:
         raise InvalidInput("WEBHOOKS_DISABLED", "This server has no WEBHOOK_SECRET, so it cannot sign webhooks.")
     try:
-        return check_url(url)
+        return check_url(url, settings().webhook_allowed_networks)
     except UnsafeUrl as error:
         raise InvalidInput("INVALID_WEBHOOK_URL", str(error)) from None
 
@@ -80,8 +82,10 @@ def notifications() -> Response:
         "payload": item.payload,
         "webhook_id": item.webhook_id,
         "delivered_at": iso(item.delivered_at),
+        "delivery": {"state": notify.delivery_state(item), "attempts": item.delivery_attempts,
+                     "last_error": item.last_delivery_error},
         "created_at": iso(item.created_at),
-    } for item in inbox(g.user.id, limit)]
+    } for item in notify.inbox(g.user.id, limit)]
     return jsonify({"items": items})
 
 

@@ -66,7 +66,8 @@ def background_stats() -> Response:
 
 def _internal(job: Job, locale: str) -> dict:
     return {**job_resource(job, locale), "error_code": job.error_code, "error_detail": job.error_detail,
-            "lease_expires_at": iso(job.lease_expires_at), "published_at": iso(job.published_at)}
+            "lease_expires_at": iso(job.lease_expires_at), "dispatched_at": iso(job.dispatched_at),
+            "worker_host": job.worker_host}
 
 
 @blueprint.get("/api/admin/api-requests")

@@ -1,4 +1,4 @@
-"""`flask --app webapp users ...`: the only way to create users and their tokens."""
+"""`flask --app webapp users ...`: creating users and their tokens, credits, and limits."""
 from __future__ import annotations
 
 import click
@@ -6,14 +6,14 @@ from flask import Flask
 from flask.cli import AppGroup
 from sqlalchemy import select
 
-from renderq import billing
+from renderq import billing, notify
 from renderq.db import db
 from renderq.models import User
 from renderq.runtime import settings
-from renderq.webhooks import UnsafeUrl, check_url
+from renderq.webhook_http import UnsafeUrl, check_url
 from webapp.auth import new_token
 
-users = AppGroup("users", help="Create users and their API tokens.")
+users = AppGroup("users", help="Create users and their API tokens; top up credits; set limits.")
 
 
 @users.command("create")
@@ -44,7 +44,7 @@ def _webhook_url(url: str | None) -> str | None:
     if not settings().webhook_secret:
         raise click.UsageError("set WEBHOOK_SECRET (whsec_...) before giving users a webhook URL")
     try:
-        return check_url(url)
+        return check_url(url, settings().webhook_allowed_networks)
     except UnsafeUrl as error:
         raise click.UsageError(str(error)) from None
 
@@ -76,10 +76,25 @@ def update_user(email: str, webhook_url: str | None, locale: str | None) -> None
     user = _user(email)
     if webhook_url is not None:
         user.webhook_url = _webhook_url(webhook_url)
+        if user.webhook_url is None:
+            notify.end_pending_deliveries(user.id)
     if locale is not None:
         user.locale = locale
     db.session.commit()
     click.echo("user %d updated" % user.id)
+
+
+@users.command("set-limit")
+@click.option("--email", required=True)
+@click.option("--max-inflight", type=click.IntRange(min=0), required=True,
+              help="Generator calls this user may have in flight at once, and their weight in the fair "
+                   "schedule (3 = three turns to a default user's one); 0 restores the default.")
+def set_limit(email: str, max_inflight: int) -> None:
+    """Set a user's share of the generator."""
+    user = _user(email)
+    user.max_inflight = max_inflight or None
+    db.session.commit()
+    click.echo("user %d max_inflight %s" % (user.id, user.max_inflight or "default"))
 
 
 def register(app: Flask) -> None:

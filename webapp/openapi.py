@@ -6,7 +6,13 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from webapp.openapi_schemas import INTERNAL_JOB, JOB_REQUEST, ME_PATCH, PHOTO_REQUEST, SCHEMAS
+from webapp.openapi_schemas import (
+    INTERNAL_JOB,
+    JOB_REQUEST,
+    ME_PATCH,
+    PHOTO_REQUEST,
+    SCHEMAS,
+)
 
 blueprint = Blueprint("openapi", __name__)
 

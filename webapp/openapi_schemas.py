@@ -54,7 +54,10 @@ SCHEMAS = {
     }),
     "Notification": obj({
         "id": INTEGER, "job_id": UUID, "event": {"type": "string", "enum": ["succeeded", "blocked", "failed"]},
-        "payload": {"type": "object"}, "webhook_id": STRING, "delivered_at": nullable(TIME), "created_at": TIME,
+        "payload": {"type": "object"}, "webhook_id": STRING, "delivered_at": nullable(TIME),
+        "delivery": obj({"state": {"type": "string", "enum": ["delivered", "pending", "failed", "none"]},
+                         "attempts": {"type": "integer", "minimum": 0}, "last_error": nullable(STRING)}),
+        "created_at": TIME,
     }),
     "QueueStats": obj({
         "counts_by_status": COUNTS,
@@ -74,7 +77,7 @@ SCHEMAS = {
 
 INTERNAL_JOB = obj({**SCHEMAS["Job"]["properties"], "error_code": nullable(STRING),
                     "error_detail": nullable(STRING), "lease_expires_at": nullable(TIME),
-                    "published_at": nullable(TIME)})
+                    "dispatched_at": nullable(TIME), "worker_host": nullable(STRING)})
 
 JOB_REQUEST = obj({
     "kind": {"type": "string", "enum": sorted(KINDS)},

@@ -5,9 +5,9 @@ from datetime import datetime
 from typing import Optional
 
 from renderq.enums import Outcome, Status
+from renderq.jobs.scheduler import queue_position
 from renderq.messages import block_message, public_error
 from renderq.models import Job, User
-from renderq.stats import queue_position
 
 SHOWS_LAST_ERROR = frozenset({Status.RETRYING, Status.PENDING_BACKGROUND_RETRY, Status.FAILED})
 

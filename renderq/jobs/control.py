@@ -1,11 +1,11 @@
 """What people do to an existing job: its owner cancels it, an admin puts a failed one back."""
 from __future__ import annotations
 
-from renderq import broker
+from renderq import billing, broker
 from renderq.db import db
 from renderq.enums import TERMINAL_STATUSES
 from renderq.errors import Conflict
-from renderq.jobs import lifecycle
+from renderq.jobs import lifecycle, scheduler, submit
 from renderq.models import Job
 from renderq.runtime import celery_app, settings
 
@@ -23,10 +23,11 @@ def cancel(job: Job) -> None:
 
 
 def retry_failed(job: Job) -> None:
-    """An admin's retry: a failed job back to pending with fresh counters, published again
-    (Conflict unless it failed). Not charged again: see lifecycle.requeue_failed."""
-    if not lifecycle.requeue_failed(job.id):
+    """An admin's retry: a failed job back to pending with fresh counters, at the back of its
+    user's queue (Conflict unless it failed). Not charged again: see lifecycle.requeue_failed."""
+    user = billing.lock_user(job.user_id)
+    if not lifecycle.requeue_failed(job.id, scheduler.next_tag(user)):
         db.session.rollback()
         raise Conflict("JOB_NOT_FAILED", "Only failed jobs can be retried; this one is %s." % job.status)
     db.session.commit()
-    broker.try_publish(job.id, job.kind)
+    submit.dispatch_soon()

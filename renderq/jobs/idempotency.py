@@ -9,7 +9,7 @@ from typing import Optional
 
 from renderq.db import db
 from renderq.errors import IdempotencyKeyReused
-from renderq.models import IdempotencyKey
+from renderq.models import IdempotencyKey, Job
 
 KEY_LIFETIME = timedelta(hours=24)
 MAX_KEY_LENGTH = 255
@@ -22,12 +22,13 @@ def fingerprint(**parts: object) -> str:
 
 
 def replayed_job(user_id: int, key: str, digest: str) -> Optional[uuid.UUID]:
-    """The job an earlier request with this key made, if still valid; IdempotencyKeyReused if
-    the body differs. Runs under the user's row lock, so two requests with one key cannot both miss."""
+    """The job an earlier request with this key made, if the key is younger than a day and the
+    job is still kept; IdempotencyKeyReused if the body differs. Runs under the user's row lock, so two requests with one key cannot both miss."""
     existing = db.session.get(IdempotencyKey, (user_id, key), populate_existing=True)
     if existing is None:
         return None
-    if existing.created_at < datetime.now(timezone.utc) - KEY_LIFETIME:
+    expired = existing.created_at < datetime.now(timezone.utc) - KEY_LIFETIME
+    if expired or db.session.get(Job, existing.job_id) is None:  # or its job was purged after its TTL
         db.session.delete(existing)
         db.session.flush()
         return None

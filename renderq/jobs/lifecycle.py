@@ -2,24 +2,27 @@
 
 TRANSITIONS names each move with the statuses it may leave; each function below is one of
 them and reports whether it won, so a redelivered message, a late attempt or a racing sweep
-can never move a job twice or out of a terminal status. A running attempt is fenced by its
-`lease_token`: once the reconciler has recovered the job, the old attempt's writes match no row.
+can never move a job twice or out of a terminal status. An attempt starts only with the
+token of the message the scheduler sent for it, and runs fenced by its `lease_token`: once
+the reconciler has recovered the job, the old attempt's writes match no row. What an attempt
+ends with (the move, its attempt record, the ledger, the notification, the result) is written
+in one transaction.
 """
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from sqlalchemy import and_, func, or_, select, text, true, update
+from sqlalchemy import and_, func, or_, select, true, update
 
 from config import Settings
 from renderq import billing, notify
 from renderq.db import db
-from renderq.enums import ACTIVE_STATUSES, EntryKind, Outcome, Status
+from renderq.enums import ACTIVE_STATUSES, AttemptOutcome, EntryKind, Outcome, Status
 from renderq.jobs import policy
-from renderq.models import Job
+from renderq.models import Job, JobAttempt, Photo, User
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,6 @@ TRANSITIONS: dict[str, Transition] = {
     "requeue": Transition(frozenset({Status.FAILED}), Status.PENDING),  # an admin's retry, the one way back
 }
 
-# A retry message may arrive a little before next_retry_at when worker and database clocks differ.
-CLOCK_SKEW = timedelta(seconds=1)
-
 
 def _leaves(name: str) -> Any:
     return Job.status.in_(TRANSITIONS[name].sources)
@@ -61,10 +61,21 @@ class Claim:
     attempts: int
     retry_count: int
     created_at: datetime
+    started_at: datetime  # when this attempt started, by the database's clock
+    safety_agreed: bool = False
+    photo_key: Optional[str] = None
 
     def holds(self) -> Any:
         """SQL: the job is still this attempt's (not recovered, canceled or finished meanwhile)."""
         return and_(Job.status == Status.PROCESSING, Job.lease_token == self.token)
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """How one generator call ended, for the attempt history written with its outcome."""
+    outcome: AttemptOutcome
+    error_code: Optional[str]
+    duration_seconds: float
 
 
 @dataclass(frozen=True)
@@ -75,37 +86,57 @@ class Finished:
     notification_id: Optional[int] = None
 
 
-CLAIM_COLUMNS = (Job.kind, Job.user_id, Job.photo_id, Job.params, Job.attempts, Job.retry_count, Job.created_at)
+CLAIM_COLUMNS = (Job.kind, Job.user_id, Job.photo_id, Job.params, Job.attempts, Job.retry_count, Job.created_at,
+                 Job.attempt_started_at)
 
 
 def claim_from(row: Any, token: uuid.UUID) -> Claim:
-    return Claim(row.id, token, row.kind, row.user_id, row.photo_id, row.params or {},
-                 row.attempts, row.retry_count, row.created_at)
+    return Claim(row.id, token, row.kind, row.user_id, row.photo_id, row.params or {}, row.attempts,
+                 row.retry_count, row.created_at, row.attempt_started_at or datetime.now(timezone.utc),
+                 getattr(row, "safety_agreed", False), getattr(row, "photo_key", None))
 
 
-def guarded_update(job_id: uuid.UUID, guard: Any, values: dict, returning: tuple = ()) -> Any:
-    """One guarded UPDATE, committed; the row it returned, or None if the guard did not match."""
+def guarded_update(job_id: uuid.UUID, guard: Any, values: dict, returning: tuple = (),
+                   attempt: Optional[tuple[Claim, AttemptRecord]] = None) -> Any:
+    """One guarded UPDATE (and the attempt's record, if any), committed; the row it returned,
+    or None if the guard did not match."""
     row = db.session.execute(
         update(Job).where(Job.id == job_id, guard).values(updated_at=func.now(), **values)
         .returning(Job.id, *returning)
     ).first()
+    if row is not None and attempt is not None:
+        _record(*attempt)
     db.session.commit()
     return row
 
 
-def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settings: Settings) -> Optional[Finished]:
+def _record(claim: Claim, attempt: AttemptRecord) -> None:
+    db.session.add(JobAttempt(job_id=claim.job_id, number=claim.attempts, kind=claim.kind,
+                              tier=policy.tier(claim.retry_count), outcome=attempt.outcome,
+                              error_code=attempt.error_code, started_at=claim.started_at,
+                              duration_ms=int(attempt.duration_seconds * 1000)))
+
+
+def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settings: Settings,
+            attempt: Optional[tuple[Claim, AttemptRecord]] = None,
+            on_win: Optional[Callable[[], None]] = None) -> Optional[Finished]:
     """The one way into a terminal status: in a single transaction, the guarded UPDATE, the
-    ledger's capture or release, and the notification row."""
+    attempt's record, the ledger's capture or release, the notification row, and `on_win`
+    (the result, where storage joins the transaction)."""
     status = TRANSITIONS[transition].target
     won = db.session.execute(
         update(Job).where(Job.id == job_id, _leaves(transition), guard)
         .values(status=status, updated_at=func.now(), completed_at=func.now(), lease_token=None,
-                lease_expires_at=None, **values)
+                lease_expires_at=None, dispatch_token=None, **values)
         .returning(Job.id)
     ).first()
     if won is None:
         db.session.rollback()
         return None
+    if attempt is not None:
+        _record(*attempt)
+    if on_win is not None:
+        on_win()
     billing.settle(job_id, EntryKind.CAPTURE if values.get("outcome") == Outcome.SUCCEEDED else EntryKind.RELEASE)
     event = notify.event_for(status, values.get("outcome"), settings)
     notification_id = notify.record(job_id, event, settings) if event else None
@@ -113,92 +144,57 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
     return Finished(job_id, status, notification_id)
 
 
-def owner_and_kind(job_id: uuid.UUID) -> Optional[tuple[int, str]]:
-    row = db.session.execute(select(Job.user_id, Job.kind).where(Job.id == job_id)).first()
-    db.session.rollback()
-    return (row.user_id, row.kind) if row else None
-
-
-def claim(job_id: uuid.UUID, lease_seconds: float) -> Optional[Claim]:
-    """Take a pending or due retrying job for one fast-ladder attempt; None if someone else has it."""
+def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_host: str) -> Optional[Claim]:
+    """Start the attempt the message carrying `ticket` was sent for: a pending or due retrying
+    job (the `claim` move), or a background try the background processor has claimed. None if
+    the ticket is not the job's any more (a stale or duplicated message steps aside)."""
     token = uuid.uuid4()
-    due = or_(Job.next_retry_at.is_(None), Job.next_retry_at <= func.now() + CLOCK_SKEW)
-    row = guarded_update(
-        job_id, and_(_leaves("claim"), due),
-        dict(status=TRANSITIONS["claim"].target, attempts=Job.attempts + 1, lease_token=token,
-             lease_expires_at=func.now() + timedelta(seconds=lease_seconds),
-             next_retry_at=None, started_at=func.coalesce(Job.started_at, func.now())),
-        CLAIM_COLUMNS,
-    )
-    return claim_from(row, token) if row else None
-
-
-def claim_background_batch(settings: Settings, queue_wait_seconds: float) -> list[tuple[uuid.UUID, uuid.UUID, str]]:
-    """The background processor's pick: up to its free slots, retry_count += 1, in one statement.
-
-    Returns (job id, ticket, kind) triples; each attempt then starts with `start_claimed(ticket)`.
-    The lease covers the wait in the queue too, so a busy pool does not look like a dead worker.
-    """
-    # One sweep at a time, so two sweeps cannot both see the same free slots.
-    if not db.session.execute(text("SELECT pg_try_advisory_xact_lock(7240001)")).scalar():
-        db.session.rollback()
-        return []
-    running = db.session.execute(
-        select(func.count()).select_from(Job).where(Job.status == Status.PROCESSING, Job.retry_count > 0)
-    ).scalar_one()
-    free_slots = settings.max_concurrent_background_tasks - running
-    if free_slots <= 0:
-        db.session.rollback()
-        return []
-    candidates = (
-        select(Job.id)
-        .where(_leaves("claim_background"), ~policy.background_exhausted(settings))
-        .order_by(Job.updated_at)
-        .limit(free_slots)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    statement = (
-        update(Job)
-        .where(Job.id.in_(candidates), _leaves("claim_background"))
-        .values(status=TRANSITIONS["claim_background"].target, retry_count=Job.retry_count + 1,
-                lease_token=func.gen_random_uuid(),
-                lease_expires_at=func.now() + timedelta(seconds=settings.job_lease_seconds + queue_wait_seconds),
-                updated_at=func.now())
-        .returning(Job.id, Job.lease_token, Job.kind)
-    )
-    claimed = [(row.id, row.lease_token, row.kind) for row in db.session.execute(statement)]
+    background_try = and_(Job.status == Status.PROCESSING, Job.lease_token.is_(None))
+    row = db.session.execute(
+        update(Job).where(Job.id == job_id, Job.dispatch_token == ticket, or_(_leaves("claim"), background_try))
+        .values(status=TRANSITIONS["claim"].target, attempts=Job.attempts + 1, lease_token=token,
+                lease_expires_at=func.now() + timedelta(seconds=lease_seconds), attempt_started_at=func.now(),
+                started_at=func.coalesce(Job.started_at, func.now()), next_retry_at=None, dispatch_token=None,
+                worker_host=worker_host, updated_at=func.now())
+        .returning(Job.id, *CLAIM_COLUMNS,
+                   select(User.safety_agreed_at.is_not(None)).where(User.id == Job.user_id)
+                   .scalar_subquery().label("safety_agreed"),
+                   select(Photo.path).where(Photo.id == Job.photo_id).scalar_subquery().label("photo_key"))
+    ).first()
     db.session.commit()
-    return claimed
-
-
-def start_claimed(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float) -> Optional[Claim]:
-    """Begin the attempt the background processor claimed with `ticket` (no status change).
-
-    The ticket is exchanged for a fresh lease token, so a redelivered copy of the same
-    message finds its ticket spent and steps aside.
-    """
-    token = uuid.uuid4()
-    row = guarded_update(
-        job_id, and_(Job.status == Status.PROCESSING, Job.lease_token == ticket),
-        dict(attempts=Job.attempts + 1, lease_token=token, lease_expires_at=func.now() + timedelta(seconds=lease_seconds)),
-        CLAIM_COLUMNS,
-    )
     return claim_from(row, token) if row else None
 
 
-def succeed(claim: Claim, result_path: str, settings: Settings) -> Optional[Finished]:
+def claim_background_batch(limit: int, settings: Settings) -> list[tuple[uuid.UUID, uuid.UUID, str]]:
+    """The background processor's pick, in the caller's transaction: up to `limit` jobs waiting
+    for a background try, retry_count + 1 in one statement, each with the token its message will
+    carry. Returns (job id, token, kind) triples."""
+    # Materialized, so the LIMIT and the row locks apply once: a plain `id IN (SELECT ... LIMIT n
+    # FOR UPDATE SKIP LOCKED)` may be evaluated again per row and claim more than n.
+    picked = (select(Job.id).where(_leaves("claim_background"), ~policy.background_exhausted(settings))
+              .order_by(Job.updated_at).limit(limit).with_for_update(skip_locked=True)
+              .cte("picked").prefix_with("MATERIALIZED"))
+    return [tuple(row) for row in db.session.execute(
+        update(Job).where(Job.id == picked.c.id, _leaves("claim_background"))
+        .values(status=TRANSITIONS["claim_background"].target, retry_count=Job.retry_count + 1,
+                dispatch_token=func.gen_random_uuid(), dispatched_at=func.now(), updated_at=func.now())
+        .returning(Job.id, Job.dispatch_token, Job.kind))]
+
+
+def succeed(claim: Claim, result_key: str, attempt: AttemptRecord, settings: Settings,
+            on_win: Optional[Callable[[], None]] = None) -> Optional[Finished]:
     return _finish(claim.job_id, "succeed", claim.holds(), dict(
-        outcome=Outcome.SUCCEEDED, result_path=result_path, error_code=None), settings)
+        outcome=Outcome.SUCCEEDED, result_path=result_key, error_code=None), settings, (claim, attempt), on_win)
 
 
-def block(claim: Claim, block_reason: str, settings: Settings) -> Optional[Finished]:
+def block(claim: Claim, block_reason: str, attempt: AttemptRecord, settings: Settings) -> Optional[Finished]:
     return _finish(claim.job_id, "block", claim.holds(), dict(
-        outcome=Outcome.BLOCKED, block_reason=block_reason, error_code=None), settings)
+        outcome=Outcome.BLOCKED, block_reason=block_reason, error_code=None), settings, (claim, attempt))
 
 
-def fail(claim: Claim, error_code: str, detail: str, settings: Settings) -> Optional[Finished]:
-    return _finish(claim.job_id, "fail", claim.holds(), dict(error_code=error_code, error_detail=detail), settings)
+def fail(claim: Claim, error_code: str, detail: str, attempt: AttemptRecord, settings: Settings) -> Optional[Finished]:
+    return _finish(claim.job_id, "fail", claim.holds(), dict(error_code=error_code, error_detail=detail), settings,
+                   (claim, attempt))
 
 
 def cancel(job_id: uuid.UUID, settings: Settings) -> Optional[Finished]:
@@ -206,35 +202,39 @@ def cancel(job_id: uuid.UUID, settings: Settings) -> Optional[Finished]:
     return _finish(job_id, "cancel", true(), {}, settings)
 
 
-def requeue_failed(job_id: uuid.UUID) -> bool:
-    """An admin's retry: a failed job goes back to pending with fresh counters. Its hold was
-    released when it failed and is not taken again, so the retry is free for the user.
-    Runs in the caller's transaction."""
+def requeue_failed(job_id: uuid.UUID, fair_tag: int) -> bool:
+    """An admin's retry: a failed job goes back to pending with fresh counters, queued at
+    `fair_tag`. Its hold was released when it failed and is not taken again, so the retry is
+    free for the user. Runs in the caller's transaction."""
     won = db.session.execute(
         update(Job).where(Job.id == job_id, _leaves("requeue"))
         .values(status=TRANSITIONS["requeue"].target, attempts=0, retry_count=0, next_retry_at=None,
-                error_code=None, error_detail=None, completed_at=None, started_at=None, broker_epoch=None,
-                updated_at=func.now())
+                error_code=None, error_detail=None, completed_at=None, started_at=None, dispatch_token=None,
+                dispatched_at=None, fair_tag=fair_tag, updated_at=func.now())
         .returning(Job.id)
     ).first()
     return won is not None
 
 
-def record_transient_failure(claim: Claim, error_code: str, detail: str, settings: Settings,
-                             retry_after: float = 0) -> tuple[Optional[policy.NextStep], Optional[Finished]]:
+def record_transient_failure(claim: Claim, error_code: str, detail: str, attempt: AttemptRecord,
+                             settings: Settings, retry_after: float = 0,
+                             guard: Any = None) -> tuple[Optional[policy.NextStep], Optional[Finished]]:
     """Move the job on after a transient failure: (the step taken, or None if the claim was
-    lost meanwhile; and the Finished record when the step was to `failed`)."""
+    lost meanwhile; and the Finished record when the step was to `failed`). `guard` narrows
+    the claim's own (the reconciler's recovery re-checks that the lease is still expired)."""
+    guard = claim.holds() if guard is None else guard
     step = policy.plan_after_transient_failure(claim.attempts, claim.retry_count,
                                                datetime.now(timezone.utc) - claim.created_at, settings, retry_after)
     values: dict = dict(error_code=error_code, error_detail=detail)
     if step.status == Status.FAILED:
-        finished = _finish(claim.job_id, "fail", claim.holds(), values, settings)
+        finished = _finish(claim.job_id, "fail", guard, values, settings, (claim, attempt))
         return (step if finished else None), finished
     if step.retry_in is not None:
         values["next_retry_at"] = func.now() + timedelta(seconds=step.retry_in)
     transition = "retry_later" if step.status == Status.RETRYING else "to_background"
-    won = guarded_update(claim.job_id, claim.holds(),
-                dict(status=TRANSITIONS[transition].target, lease_token=None, lease_expires_at=None, **values))
+    won = guarded_update(claim.job_id, and_(_leaves(transition), guard),
+                         dict(status=TRANSITIONS[transition].target, lease_token=None, lease_expires_at=None,
+                              **values), attempt=(claim, attempt))
     return (step if won else None), None
 
 

@@ -1,7 +1,8 @@
 """When a job is tried again: the fast ladder, the background tier, and their limits.
 
 The fast ladder is the first attempt and up to MAX_RETRIES retries, RETRY_DELAYS apart (1, 5,
-15, 60, 300 s by default), each at least as late as a 429's Retry-After; Celery's
+15, 60, 300 s by default), each at least as late as a 429's Retry-After (up to the
+ladder's longest step); Celery's
 `autoretry_for` carries the countdown (RetryLater). Then the background tier: the background
 processor gives the job up to MAX_RETRY_ATTEMPTS more tries, while it is younger than
 MAX_BACKGROUND_RETRY_AGE. The counters live in the job row (`attempts` counts every call,
@@ -27,11 +28,6 @@ class RetryLater(Exception):
     def __init__(self, countdown: float):
         super().__init__("retry in %.3fs" % countdown)
         self.countdown = countdown
-
-
-class Throttled(RetryLater):
-    """No generator slot was free (GENERATOR_MAX_INFLIGHT); the message comes back later
-    without spending an attempt."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +62,10 @@ def plan_after_transient_failure(attempts: int, retry_count: int, age: timedelta
         return NextStep(Status.PENDING_BACKGROUND_RETRY)
     retries_used = attempts - 1
     if retries_used < settings.max_retries:
-        return NextStep(Status.RETRYING, max(settings.retry_delay(retries_used + 1), retry_after))
+        # A 429's Retry-After is honoured up to the ladder's longest step: one header cannot
+        # park a job (and the credits it holds) for longer than the ladder would.
+        honoured = min(retry_after, max(settings.retry_delays))
+        return NextStep(Status.RETRYING, max(settings.retry_delay(retries_used + 1), honoured))
     if settings.max_retry_attempts == 0:
         return NextStep(Status.FAILED)
     return NextStep(Status.PENDING_BACKGROUND_RETRY)

@@ -1,5 +1,6 @@
-"""Accepting work: check the request, hold the price, store the photo, insert the job, commit,
-then publish its id (never before the commit: a worker must find the row)."""
+"""Accepting work: check the request, hold the price, store the photo, insert the job at its
+place in the fair queue, commit, then let the scheduler send it (never before the commit: a
+worker must find the row)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,13 +8,12 @@ import logging
 import uuid
 from typing import Optional
 
-from config import Settings
 from config.kinds import KINDS, STYLES, JobKind, get_kind
-from renderq import billing, broker, storage
+from renderq import billing, storage
 from renderq.db import db
 from renderq.errors import InvalidInput
 from renderq.images import CheckedImage
-from renderq.jobs import idempotency
+from renderq.jobs import idempotency, scheduler
 from renderq.logs import job_logging
 from renderq.models import Job, Photo, User
 
@@ -51,18 +51,18 @@ def check_idempotency_key(key: Optional[str]) -> Optional[str]:
     return key
 
 
-def _store_photo(user: User, image: CheckedImage, settings: Settings) -> Photo:
+def _store_photo(user: User, image: CheckedImage) -> Photo:
     photo_id = uuid.uuid4()
-    relative = "photos/%s.%s" % (photo_id, image.extension)
-    storage.save(settings.media_root, relative, image.data)
-    photo = Photo(id=photo_id, user_id=user.id, path=relative, content_type=image.content_type,
+    key = "photos/%s.%s" % (photo_id, image.extension)
+    storage.storage().put(key, image.data)  # with the default storage, in this transaction
+    photo = Photo(id=photo_id, user_id=user.id, path=key, content_type=image.content_type,
                   width=image.width, height=image.height, size_bytes=len(image.data))
     db.session.add(photo)
     db.session.flush()  # the job row refers to it
     return photo
 
 
-def submit(user_id: int, kind: JobKind, params: dict, settings: Settings, *,
+def submit(user_id: int, kind: JobKind, params: dict, *,
            image: Optional[CheckedImage] = None, photo: Optional[Photo] = None,
            idempotency_key: Optional[str] = None) -> Job:
     """Hold the price, store the photo, insert the job and commit; publish only after the
@@ -81,9 +81,9 @@ def submit(user_id: int, kind: JobKind, params: dict, settings: Settings, *,
     job_id = uuid.uuid4()
     billing.hold(user, job_id, kind.price)
     if image is not None:
-        photo = _store_photo(user, image, settings)
+        photo = _store_photo(user, image)
     job = Job(id=job_id, user_id=user.id, photo_id=photo.id if photo else None,
-              kind=kind.name, params=params, price=kind.price)
+              kind=kind.name, params=params, price=kind.price, fair_tag=scheduler.next_tag(user))
     db.session.add(job)
     if idempotency_key:
         db.session.flush()
@@ -91,6 +91,16 @@ def submit(user_id: int, kind: JobKind, params: dict, settings: Settings, *,
     db.session.commit()
     with job_logging(job.id):
         log.info("📋 [QUEUE] job %s accepted (%s) for user %s", job.id, kind.name, user.id)
-        broker.try_publish(job.id, kind.name)
+        dispatch_soon()
     db.session.refresh(job)
     return job
+
+
+def dispatch_soon() -> None:
+    """Let the scheduler fill free slots now; if the broker or the database refuses, the job
+    waits in the queue and the reconciler sends it (the client has its 202 either way)."""
+    try:
+        scheduler.dispatch()
+    except Exception:
+        db.session.rollback()
+        log.warning("📋 [QUEUE] could not dispatch now; the reconciler will", exc_info=True)

@@ -73,3 +73,15 @@ def test_connection_errors_and_timeouts_are_transient(error, code):
 def test_a_bug_is_not_the_generators():
     assert classify_exception(KeyError("oops")) is None
     assert classify_exception(ZeroDivisionError()) is None
+
+
+def test_a_200_that_is_not_a_png_is_a_transient_failure():
+    from renderq.generator.client import _png
+    from tests.conftest import png_bytes
+
+    good = png_bytes()
+    assert _png(good) == good
+    for garbage in (b"", b"<html>oops</html>", good[:40], b"\x89PNG\r\n\x1a\n" + b"\x00" * 100):
+        with pytest.raises(TransientFailure) as failure:
+            _png(garbage)
+        assert failure.value.code == "GENERATOR_BAD_RESPONSE"

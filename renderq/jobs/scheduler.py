@@ -1,0 +1,237 @@
+"""The fair schedule: which waiting job gets the next free generator slot, and when its
+attempt message is sent.
+
+Waiting jobs wait in PostgreSQL, not in the broker. The broker only ever holds attempt
+messages for slots that are free, so a lost message is noticed within seconds and a job that
+waits for capacity does not spin through the broker.
+
+- Slots: every attempts worker registers how many attempts it runs at once (renderq.workers);
+  with GENERATOR_MAX_INFLIGHT set, no more than that many are filled across all of them. A slot
+  is held from the moment its message is sent until the attempt ends, counted in the database.
+- Order: start-time fair queuing. Each job gets a tag when it is submitted: its user's last tag,
+  or the tag of the last job dispatched if that is later, plus a step inversely proportional
+  to the user's weight (their `max_inflight`). The lowest tag goes first, so a user who queues
+  a thousand jobs takes turns with the one who queues a single job, and a user with weight 3
+  gets three turns to another's one.
+- Per user: at most `max_inflight` slots, and never every slot when the cap is set
+  (GENERATOR_MAX_INFLIGHT − 1), so one user's burst always leaves room for somebody else.
+
+Every dispatch decision runs under one advisory lock, so two processes can never fill the
+same free slot; the tokens it hands out are checked when the attempt starts.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import timedelta
+from typing import Any, Optional
+
+from sqlalchemy import Select, and_, func, or_, select, text, tuple_, update
+
+from config import Settings
+from config.kinds import longest_hard_time_limit
+from renderq import broker
+from renderq.db import db
+from renderq.enums import AttemptOutcome, Status
+from renderq.jobs import lifecycle
+from renderq.models import Job, JobAttempt, SchedulerClock, User, WorkerHost
+from renderq.runtime import settings
+
+log = logging.getLogger(__name__)
+
+DISPATCH_LOCK = 7240002
+TAG_STEP = 1_000_000
+
+IN_FLIGHT = or_(Job.status == Status.PROCESSING, Job.dispatch_token.is_not(None))
+WAITING = and_(Job.status == Status.PENDING, Job.dispatch_token.is_(None))
+DUE_RETRY = and_(Job.status == Status.RETRYING, Job.dispatch_token.is_(None), Job.next_retry_at <= func.now())
+
+
+def weight(max_inflight: Optional[int]) -> int:
+    return max(1, max_inflight or 1)
+
+
+def next_tag(user: User) -> int:
+    """The fair tag of a job `user` (locked by the caller) submits now; moves the user's tag on."""
+    clock = db.session.execute(select(SchedulerClock.fair_tag).where(SchedulerClock.id == 1)).scalar() or 0
+    user.fair_tag = max(user.fair_tag, clock) + TAG_STEP // weight(user.max_inflight)
+    return user.fair_tag
+
+
+def user_cap(max_inflight: Optional[int], generator_cap: int) -> Optional[int]:
+    """The most slots one user may hold, or None for no limit of their own."""
+    caps = [max_inflight] if max_inflight else []
+    if generator_cap:
+        caps.append(max(1, generator_cap - 1))
+    return min(caps) if caps else None
+
+
+def _slots_and_cap(config: Settings) -> tuple[int, int]:
+    """The live workers' slots, and the GENERATOR_MAX_INFLIGHT that holds: the smallest that
+    any live worker or this process runs with (0: none)."""
+    slots, worker_cap = db.session.execute(
+        select(func.coalesce(func.sum(WorkerHost.slots), 0),
+               func.min(WorkerHost.generator_cap).filter(WorkerHost.generator_cap > 0))
+        .where(WorkerHost.expires_at > func.now())).one()
+    caps = [cap for cap in (worker_cap, config.generator_max_inflight) if cap]
+    return slots, min(caps) if caps else 0
+
+
+def capacity(slots: int, generator_cap: int) -> int:
+    """Slots that may be filled now: the live workers' slots, within the generator's cap."""
+    if not generator_cap:
+        return slots
+    # A worker that died mid-call may leave the call running at the generator until the
+    # kind's hard time limit; its slot is not given away before then.
+    lost = db.session.execute(select(func.count()).select_from(JobAttempt).where(
+        JobAttempt.outcome == AttemptOutcome.LOST,
+        JobAttempt.started_at > func.now() - timedelta(seconds=longest_hard_time_limit()))).scalar_one()
+    return min(slots, max(0, generator_cap - lost))
+
+
+def _lock() -> None:
+    db.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": DISPATCH_LOCK})
+
+
+def _in_flight_by_user() -> dict[int, int]:
+    return dict(db.session.execute(select(Job.user_id, func.count()).where(IN_FLIGHT).group_by(Job.user_id)).all())
+
+
+def _candidates(condition: Any, limit: int, skip_users: set[int]) -> list[Any]:
+    query = (select(Job.id, Job.user_id, Job.fair_tag, User.max_inflight).join(User, User.id == Job.user_id)
+             .where(condition).order_by(Job.fair_tag, Job.id).limit(limit))
+    if skip_users:
+        query = query.where(Job.user_id.not_in(skip_users))
+    return list(db.session.execute(query))
+
+
+def _pick(free: int, in_flight: dict[int, int], generator_cap: int) -> list[Any]:
+    """Up to `free` waiting jobs (pending, or retries that are due), lowest tag first, within
+    each user's cap."""
+    picked: list[Any] = []
+    capped: set[int] = set()
+    for _ in range(4):  # each round skips the users the last one filled up
+        want = free - len(picked)
+        taken = {row.id for row in picked}
+        rows = sorted(_candidates(DUE_RETRY, want * 2, capped) + _candidates(WAITING, want * 2, capped),
+                      key=lambda row: (row.fair_tag, row.id))
+        fresh = [row for row in rows if row.id not in taken]
+        for row in fresh:
+            cap = user_cap(row.max_inflight, generator_cap)
+            if cap is not None and in_flight.get(row.user_id, 0) >= cap:
+                capped.add(row.user_id)
+                continue
+            picked.append(row)
+            in_flight[row.user_id] = in_flight.get(row.user_id, 0) + 1
+            if len(picked) == free:
+                return picked
+        if len(fresh) < want * 2:  # nothing more is waiting
+            return picked
+    return picked
+
+
+def _free_slots(config: Settings) -> tuple[int, int]:
+    """(free slots, the generator cap that holds)."""
+    slots, generator_cap = _slots_and_cap(config)
+    in_use = db.session.execute(select(func.count()).select_from(Job).where(IN_FLIGHT)).scalar_one()
+    return capacity(slots, generator_cap) - in_use, generator_cap
+
+
+def dispatch() -> int:
+    """Send attempt messages to as many waiting jobs as there are free slots, fairest first;
+    returns how many were sent. Called whenever a slot may have come free or a job may have
+    become due: after a submission, after an attempt, when a retry's countdown ends, when a
+    worker starts, and by the reconciler."""
+    config = settings()
+    _lock()
+    free, generator_cap = _free_slots(config)
+    rows = _pick(free, _in_flight_by_user(), generator_cap) if free > 0 else []
+    if not rows:
+        db.session.rollback()
+        return 0
+    sent = db.session.execute(
+        update(Job).where(Job.id.in_([row.id for row in rows]), or_(WAITING, DUE_RETRY))
+        .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
+        .returning(Job.id, Job.dispatch_token, Job.kind)).all()
+    db.session.execute(update(SchedulerClock).where(SchedulerClock.id == 1).values(
+        fair_tag=func.greatest(SchedulerClock.fair_tag, max(row.fair_tag for row in rows))))
+    db.session.commit()
+    _publish(sent)
+    return len(sent)
+
+
+def dispatch_background() -> int:
+    """The background tier: claim up to MAX_CONCURRENT_BACKGROUND_TASKS background tries at once
+    (status processing, retry_count + 1, in one statement) within the free slots, and send them."""
+    config = settings()
+    _lock()
+    running = db.session.execute(select(func.count()).select_from(Job).where(
+        Job.status == Status.PROCESSING, Job.retry_count > 0)).scalar_one()
+    room = min(config.max_concurrent_background_tasks - running, _free_slots(config)[0])
+    if room <= 0:
+        db.session.rollback()
+        return 0
+    sent = lifecycle.claim_background_batch(room, config)
+    db.session.commit()
+    for job_id, _, _ in sent:
+        log.info("🔁 [BACKGROUND] job %s claimed for a background try", job_id, extra={"job_id": str(job_id)})
+    _publish(sent)
+    return len(sent)
+
+
+def retry_due(job_id: uuid.UUID) -> None:
+    """The ladder's countdown for a job ran out: dispatch, or, if the database's clock says the
+    retry is not due yet (the worker's clock runs ahead), set the countdown again for the rest."""
+    row = db.session.execute(select(Job.kind, func.extract("epoch", Job.next_retry_at - func.now()).label("left"))
+                             .where(Job.id == job_id, Job.status == Status.RETRYING)).first()
+    db.session.rollback()
+    if row is not None and row.left > 0:
+        broker.publish_timer(job_id, row.kind, float(row.left))
+        return
+    dispatch()
+
+
+def recover_lost_dispatches(grace: timedelta) -> int:
+    """Attempt messages that started nothing within `grace` were lost (a broker that lost its
+    data, a deleted queue, a publish that failed, a worker that died holding them): waiting jobs
+    go back to the queue; background tries, already counted, get a new message."""
+    stale = and_(Job.dispatch_token.is_not(None), Job.dispatched_at < func.now() - grace)
+    requeued = db.session.execute(
+        update(Job).where(stale, Job.status.in_((Status.PENDING, Status.RETRYING)))
+        .values(dispatch_token=None, dispatched_at=None).returning(Job.id)).scalars().all()
+    resent = db.session.execute(
+        update(Job).where(stale, Job.status == Status.PROCESSING, Job.lease_token.is_(None))
+        .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
+        .returning(Job.id, Job.dispatch_token, Job.kind)).all()
+    db.session.commit()
+    for job_id in requeued:
+        log.info("📋 [QUEUE] job %s: its attempt message was lost; queued again", job_id,
+                 extra={"job_id": str(job_id)})
+    _publish(resent)
+    return len(requeued) + len(resent)
+
+
+def _publish(sent: list[Any]) -> None:
+    """After the commit. A message that cannot be sent is left to recover_lost_dispatches."""
+    for job_id, token, kind in sent:
+        try:
+            broker.publish_attempt(job_id, token, kind)
+        except Exception:
+            log.warning("📋 [QUEUE] job %s: the broker refused its attempt message; it will be sent again",
+                        job_id, exc_info=True, extra={"job_id": str(job_id)})
+
+
+def jobs_ahead(job: Job) -> Select:
+    """The count of waiting jobs before `job` in the fair order: an index-only count on the
+    fair-queue index, so finished jobs, however many, cost nothing."""
+    return select(func.count()).select_from(Job).where(
+        WAITING, tuple_(Job.fair_tag, Job.id) < tuple_(job.fair_tag, job.id))
+
+
+def queue_position(job: Job) -> Optional[int]:
+    """Waiting jobs ahead of `job` while it is pending; 0 once its attempt message is out."""
+    if job.status != Status.PENDING:
+        return None
+    if job.dispatch_token is not None:
+        return 0
+    return db.session.execute(jobs_ahead(job)).scalar_one()
