@@ -16,8 +16,8 @@ for two minutes (past the kind's 60 s timeout), answers 1 % of successes with a 
 not an image, and logs every call (GENERATOR_CALL_LOG). 20 users submit photos and prompts:
 plain, `[fail:N]`, `[slow:MS]`, the three `[block:CODE]`, `[invalid]`, style `unfiltered` (two
 users in three agreed to the safety rules), and some `image.generate` jobs; their webhooks go
-to bench/receivers.py, which answers 200, 500 (at first, or always), trickles a byte every 3 s,
-or redirects.
+to bench/receivers.py, which answers 200, 500 (at first, or always), sends its body or its
+whole answer a byte every 3 s, or redirects.
 
 Faults (`--faults`, default all), one every `--fault-interval` seconds (uniform between the two
 bounds), each in a thread of its own, never two on the same part at once:
@@ -89,6 +89,7 @@ SETTINGS = {
     "QUEUE_CHECK_INTERVAL": "1",
     "JOB_LEASE_SECONDS": "5",
     "MAX_BACKGROUND_RETRY_AGE": "90000",
+    "WEBHOOK_RETRY_DELAYS": "0.5,1,2,3,4,5,6",  # eight delivery attempts, as in production, within 22 s
     "WEBHOOK_SECRET": WEBHOOK_SECRET,
     # Webhook delivery may refuse loopback addresses unless told they are allowed; the receivers are local.
     "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
@@ -115,11 +116,13 @@ FAULT_WEIGHTS = {"kill-worker": 1.5, "kill-pool-child": 2, "stop-worker": 1, "re
                  "redis-restart-snapshot": 0.7, "delete-queues": 1, "postgres-restart": 1, "generator-outage": 0.3,
                  "cancel": 2}
 
-# One user per entry: where their webhooks go ("none": no webhook_url). The trickle receiver's
-# user submits a fifth of an ordinary share, so that its pinned deliveries show without
-# swamping the run.
+# One user per entry: where their webhooks go ("none": no webhook_url; the modes are in
+# bench/receivers.py).
 RECEIVER_PLAN = ("ok", "ok", "flaky", "redirect", "ok", "fail", "flaky", "none", "ok", "trickle",
-                 "redirect", "ok", "flaky", "none", "ok", "redirect", "ok", "flaky", "ok", "none")
+                 "redirect", "ok", "flaky", "none", "slowbody", "redirect", "ok", "flaky", "ok", "none")
+# The users behind slow receivers submit less than an ordinary share, so that a sender pinned by
+# them shows without swamping the run.
+SHARE_OF = {"trickle": 0.2, "slowbody": 0.5}
 LOW_BALANCE_USER = 7  # gets 60 % of the credits its share needs, so some of its submissions meet 402
 TERMINAL = ("completed", "failed", "canceled")
 
@@ -429,7 +432,7 @@ def create_users(stack: ChaosStack, options: Options) -> tuple[list[ChaosUser], 
     users = []
     for index in range(options.users):
         receiver = RECEIVER_PLAN[index % len(RECEIVER_PLAN)]
-        weight = 0.2 if receiver == "trickle" else 1.0
+        weight = SHARE_OF.get(receiver, 1.0)
         needed = int(share * weight * 2) + 10  # at most: image.generate costs 2
         # The low-balance user gets 60 % of its share in credits (jobs cost 1.1 on average), so that
         # its last submissions meet 402.

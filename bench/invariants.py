@@ -18,7 +18,7 @@ How generator calls are counted against recorded attempts (`calls-match-attempts
 `jobs.attempts` counts claims: attempt number n is the n-th claim of the job, and each claim
 makes at most one generator call. `job_attempts` has a row per attempt, written by the
 attempt itself when it ends, or written by the reconciler with outcome `lost` when the
-attempt's worker stopped renewing its lease (that row's time is the recovery, not the call).
+attempt's worker stopped renewing its lease (the checker does not rely on that row's time).
 An attempt is *answered* when its own row records an answer only the generator could have
 given: succeeded, blocked, failed, or transient with an HTTP error (GENERATOR_BUSY, a 429, a
 5xx). It is *cut off* when its only rows are `lost`, or a transient GENERATOR_UNREACHABLE,
@@ -174,7 +174,8 @@ class Delivery:
     start: float
     end: float
     status: int
-    completed: bool
+    answered: bool  # the receiver sent a complete status line and headers
+    completed: bool  # ... and the whole body
     signature_ok: bool
 
 
@@ -254,7 +255,8 @@ def read_call_log(path: Path) -> list[Call]:
 
 def read_receivers_log(path: Path) -> list[Delivery]:
     return [Delivery(record["webhook_id"], record["mode"], record["path"], record["start"], record["end"],
-                     record["status"], record["completed"], record["signature_ok"]) for record in _json_lines(path)]
+                     record["status"], record.get("answered", record["completed"]), record["completed"],
+                     record["signature_ok"]) for record in _json_lines(path)]
 
 
 def read_submissions_log(path: Path) -> list[str]:
@@ -495,8 +497,8 @@ def attempts_never_overlap(data: Dataset, limits: Limits) -> Verdict:
                 note = ""
                 for late in (latest, row):
                     if late.number in lost_numbers:
-                        note = ("; attempt %d had been recovered as lost at %s and recorded itself afterwards"
-                                % (late.number, _clock(lost_numbers[late.number].start)))
+                        note = ("; attempt %d was also recorded lost (its worker stopped renewing the lease), "
+                                "and recorded itself when it ended" % late.number)
                 verdict.violations.append("%s: attempt %d (%s, %s–%s) and attempt %d (%s, %s–%s) overlap%s"
                                           % (job.label(), latest.number, latest.outcome, _clock(latest.start),
                                              _clock(latest.end), row.number, row.outcome, _clock(row.start),
@@ -680,9 +682,11 @@ def notifications_match_outcomes(data: Dataset, limits: Limits) -> Verdict:
 
 
 def _accepted_by_receiver(data: Dataset) -> dict[str, list[Delivery]]:
+    """Deliveries a receiver accepted: it sent a whole 2xx status line and headers (what counts
+    as delivered), whatever became of the body."""
     accepted: dict[str, list[Delivery]] = defaultdict(list)
     for delivery in data.deliveries or []:
-        if delivery.completed and 200 <= delivery.status < 300:
+        if delivery.answered and 200 <= delivery.status < 300:
             accepted[delivery.webhook_id].append(delivery)
     return accepted
 
@@ -727,7 +731,8 @@ def _deliveries_by_webhook(data: Dataset) -> dict[str, list[Delivery]]:
             for index in range(len(deliveries) - 1, -1, -1):
                 if 300 <= deliveries[index].status < 400:
                     deliveries[index] = replace(deliveries[index], end=max(deliveries[index].end, delivery.end),
-                                                status=delivery.status, completed=delivery.completed)
+                                                status=delivery.status, answered=delivery.answered,
+                                                completed=delivery.completed)
                     break
             else:
                 deliveries.append(delivery)
@@ -931,30 +936,37 @@ class SyntheticRun:
                         " duration_ms) VALUES (%s, %s, 'fast', 'photo.render', %s, %s, %s, %s)",
                         (job_id, number, outcome, code, self.ts(start), int(duration * 1000)))
 
+    # What each receiver answers to a sender that never follows a redirect and gives up on an
+    # answer after 10 s: (status, headers sent, whole answer sent, seconds) per delivery attempt.
+    ANSWERS = {
+        "ok": [(200, True, True, 0.05)],
+        "flaky": [(500, True, True, 0.05)] * 2 + [(200, True, True, 0.05)],
+        "fail": [(500, True, True, 0.05)] * 8,
+        "slowbody": [(200, True, False, 0.5)],
+        "trickle": [(200, False, False, 10.0)] * 8,
+        "redirect": [(307, True, True, 0.05)] * 8,
+    }
+
     def _notify(self, name: str, job_id: str, user_id: int, event: str, completed: float) -> None:
         webhook_id = "msg_" + uuid.uuid4().hex
         (url,), = self.db.execute("SELECT webhook_url FROM users WHERE id = %s", (user_id,)).fetchall()
         mode = mode_of(url)
-        answers = {"ok": [200], "flaky": [500, 500, 200], "fail": [500] * 8, "trickle": [200],
-                   "redirect": [307, 200]}.get(mode, [])
+        answers = self.ANSWERS.get(mode, [])
         clock, delivered = completed + 0.1, None
-        for status in answers:
-            length = 24.0 if mode == "trickle" else 0.05
-            path_mode = REDIRECT_TARGET if (mode == "redirect" and status == 200) else mode
-            self.deliveries.append(Delivery(webhook_id, path_mode, "/hooks/%s/x" % path_mode, clock, clock + length,
-                                            status, True, True))
-            if status == 200:
-                delivered = clock + length
-            clock += length + (0.01 if status == 307 else 1.0)
+        for status, answered, whole, length in answers:
+            self.deliveries.append(Delivery(webhook_id, mode, "/hooks/%s/x" % mode, clock, clock + length,
+                                            status, answered, whole, True))
+            if status == 200 and answered:
+                delivered = clock + 0.05
+            clock += length + 1.0
         self.db.execute("INSERT INTO notifications (user_id, job_id, event, payload, webhook_id, delivered_at,"
                         " delivery_attempts, next_delivery_at) VALUES (%s, %s, %s, '{}', %s, %s, %s, NULL)",
-                        (user_id, job_id, event, webhook_id, self.ts(delivered) if delivered else None,
-                         len([status for status in answers if status != 200 or mode != "redirect"])))
+                        (user_id, job_id, event, webhook_id, self.ts(delivered) if delivered else None, len(answers)))
         self.webhooks[name] = webhook_id
 
     def build(self) -> None:
         for name, mode in (("ok", "ok"), ("flaky", "flaky"), ("redirect", "redirect"), ("fail", "fail"),
-                           ("trickle", "trickle"), ("quiet", None)):
+                           ("trickle", "trickle"), ("slowbody", "slowbody"), ("quiet", None)):
             self.user(name, mode)
         start = self.now - 400
         ok, busy, rate_limited = ("succeeded", None, True, True, False), ("transient", "GENERATOR_BUSY", True, True, False), \
@@ -976,6 +988,7 @@ class SyntheticRun:
         self.job("canceled-mid-attempt", "flaky", start + 110, [busy], "canceled")
         self.job("to-trickle", "trickle", start + 120, [ok], "completed", "succeeded")
         self.job("to-fail", "fail", start + 130, [ok], "completed", "succeeded")
+        self.job("to-slow-body", "slowbody", start + 140, [ok], "completed", "succeeded")
 
 
 def _status_for(outcome: str, code: Optional[str]) -> int:
@@ -1019,7 +1032,7 @@ def self_test_breaks(run: SyntheticRun, limits: Limits) -> list[Break]:
 
     def overlapping_delivery(data: Dataset) -> None:
         first = next(d for d in data.deliveries if d.webhook_id == run.webhooks["to-trickle"])
-        data.deliveries.append(replace(first, start=first.start + 17, end=first.end + 17))
+        data.deliveries.append(replace(first, start=first.start + 7, end=first.end + 7))
 
     def unsigned_delivery(data: Dataset) -> None:
         index = next(i for i, d in enumerate(data.deliveries) if d.webhook_id == run.webhooks["after-transients"])

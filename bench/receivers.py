@@ -6,23 +6,28 @@ tell from `users.webhook_url` alone what the receiver does:
 
 - `ok`: answers 200 at once;
 - `flaky`: answers 500 to the first FLAKY_FAILURES deliveries of each webhook-id, then 200;
-- `fail`: answers 500 to everything (it never accepts);
-- `trickle`: answers 200 with a body it sends a byte every `trickle_interval` seconds, so a
-  client without an overall deadline is pinned for `trickle_bytes * trickle_interval` seconds;
+- `fail`: answers 500 to everything;
+- `slowbody`: sends its 200 status line and headers at once, then a body of `trickle_bytes`
+  bytes, one every `trickle_interval` seconds;
+- `trickle`: sends its whole answer (a 200) one byte every `trickle_interval` seconds, so the
+  status line and headers take minutes: a sender with a deadline gives up, a sender without
+  one is pinned;
 - `redirect`: answers 307 to `{base}/hooks/redirected/{key}`, which answers 200.
 
-`ACCEPTING_MODES` are the receivers that eventually accept whatever the sender does within
-reason (retries, and following a redirect); a `trickle` receiver accepts only a sender that
-waits for it, and a fixed sender should not.
+A receiver *accepted* a delivery when it sent a complete 2xx status line and headers (what
+counts as delivered, docs/api.md), whatever became of the body. `ACCEPTING_MODES` accept
+every delivery sooner or later (`flaky` after retries); `fail` never does, `trickle` not
+within any reasonable deadline, and `redirect` only through a redirect, which a sender need
+not follow.
 
-Each request is one log line, written when the answer has been sent (or the sender went away):
+Each request is one log line, written when it is over:
 
     {"webhook_id": "msg_...", "mode": "flaky", "key": "u3", "path": "/hooks/flaky/u3",
-     "start": 1700000000.1, "end": 1700000000.2, "status": 500, "completed": true,
-     "signature_ok": true, "job_id": "...", "event": "job.succeeded"}
+     "start": 1700000000.1, "end": 1700000000.2, "status": 500, "answered": true,
+     "completed": true, "signature_ok": true, "job_id": "...", "event": "job.succeeded"}
 
-`completed` is false when the sender hung up before the whole answer was sent (noticed as it
-happens, so `end` is when the sender gave up).
+`answered`: the status line and headers were all sent; `completed`: the whole answer was. A
+sender that hangs up is noticed as it happens, so `end` is when the sender gave up.
 """
 from __future__ import annotations
 
@@ -40,8 +45,8 @@ from typing import Optional
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-MODES = ("ok", "flaky", "fail", "trickle", "redirect")
-ACCEPTING_MODES = frozenset({"ok", "flaky", "redirect"})
+MODES = ("ok", "flaky", "fail", "slowbody", "trickle", "redirect")
+ACCEPTING_MODES = frozenset({"ok", "flaky", "slowbody"})
 FLAKY_FAILURES = 2
 REDIRECT_TARGET = "redirected"
 _PATH = re.compile(r"^/hooks/([a-z]+)/([A-Za-z0-9_-]+)/?$")
@@ -112,56 +117,70 @@ class Receivers:
                 except (WebhookVerificationError, ValueError):
                     payload, signature_ok = _json_or_empty(body), False
                 mode, key = (match.group(1), match.group(2)) if match else ("unknown", "")
-                self.status_sent, completed = 0, True
+                self.answered, completed = False, True
+                if mode in ("ok", REDIRECT_TARGET):
+                    status = 200
+                elif mode == "flaky":
+                    status = 500 if receivers._count(key, webhook_id) <= FLAKY_FAILURES else 200
+                elif mode in ("fail", "redirect"):
+                    status = 500 if mode == "fail" else 307
+                elif mode in ("slowbody", "trickle"):
+                    status = 200
+                else:
+                    status = 404
                 try:
-                    if mode in ("ok", REDIRECT_TARGET):
-                        status = self._answer(200)
-                    elif mode == "flaky":
-                        status = self._answer(500 if receivers._count(key, webhook_id) <= FLAKY_FAILURES else 200)
-                    elif mode == "fail":
-                        status = self._answer(500)
-                    elif mode == "redirect":
-                        status = self._answer(307, {"Location": "%s/hooks/%s/%s"
-                                                    % (receivers.base_url, REDIRECT_TARGET, key)})
+                    if mode == "redirect":
+                        self._answer(status, {"Location": "%s/hooks/%s/%s" % (receivers.base_url, REDIRECT_TARGET, key)})
+                    elif mode == "slowbody":
+                        self._slow_body()
                     elif mode == "trickle":
-                        status = self._trickle()
+                        self._trickle()
                     else:
-                        status = self._answer(404)
+                        self._answer(status)
                 except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                    status, completed = self.status_sent, False
+                    completed = False
                 receivers._record({
                     "webhook_id": webhook_id, "mode": mode, "key": key, "path": self.path, "start": started,
-                    "end": time.time(), "status": status, "completed": completed, "signature_ok": signature_ok,
+                    "end": time.time(), "status": status, "answered": self.answered, "completed": completed,
+                    "signature_ok": signature_ok,
                     "job_id": payload.get("job_id") if isinstance(payload, dict) else None,
                     "event": payload.get("event") if isinstance(payload, dict) else None,
                 })
 
-            def _answer(self, status: int, headers: Optional[dict] = None) -> int:
+            def _answer(self, status: int, headers: Optional[dict] = None) -> None:
                 body = b'{"received":true}' if status < 300 else b"{}"
-                self.status_sent = status
                 self.send_response(status)
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                self.wfile.flush()
+                self.answered = True
                 self.wfile.write(body)
                 self.wfile.flush()
-                return status
 
-            def _trickle(self) -> int:
-                self.status_sent = 200
+            def _slow_body(self) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain")
                 self.send_header("Content-Length", str(receivers.trickle_bytes))
                 self.end_headers()
                 self.wfile.flush()
-                for _ in range(receivers.trickle_bytes):
+                self.answered = True
+                self._send_slowly(b"." * receivers.trickle_bytes)
+
+            def _trickle(self) -> None:
+                head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n"
+                self._send_slowly(head)
+                self.answered = True
+                self._send_slowly(b"ok")
+
+            def _send_slowly(self, data: bytes) -> None:
+                for index in range(len(data)):
                     if self._sender_left_within(receivers.trickle_interval):
                         raise ConnectionResetError("the sender hung up")
-                    self.wfile.write(b".")
+                    self.wfile.write(data[index:index + 1])
                     self.wfile.flush()
-                return 200
 
             def _sender_left_within(self, seconds: float) -> bool:
                 """Wait `seconds`, but notice at once a sender that closes the connection: the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,8 @@ def test_invariant_checker_reports_each_break_of_a_consistent_run():
 def test_receivers_answer_as_their_mode_says_and_log_every_delivery(tmp_path):
     secret = "whsec_" + "c2VjcmV0LWZvci10aGUtcmVjZWl2ZXJzLXRlc3Q="
     log = tmp_path / "receivers.jsonl"
-    receivers = Receivers(log, secret, trickle_bytes=2, trickle_interval=0.2).start()
+    receivers = Receivers(log, secret, trickle_bytes=3, trickle_interval=0.02).start()
+    port = int(receivers.base_url.rsplit(":", 1)[1])
     try:
         def deliver(mode: str, webhook_id: str, sign_with: str = secret) -> requests.Response:
             body = json.dumps({"event": "job.succeeded", "job_id": "j-" + webhook_id})
@@ -86,25 +88,35 @@ def test_receivers_answer_as_their_mode_says_and_log_every_delivery(tmp_path):
         redirected = deliver("redirect", "msg_r")
         assert redirected.status_code == 200 and [r.status_code for r in redirected.history] == [307]
         started = time.monotonic()
-        assert deliver("trickle", "msg_t").text == ".."
-        assert time.monotonic() - started >= 0.4
-        # A sender that gives up on a trickle: logged as not completed, ending when it hung up.
-        sender = http.client.HTTPConnection("127.0.0.1", int(receivers.base_url.rsplit(":", 1)[1]), timeout=5)
-        sender.request("POST", "/hooks/trickle/u1", body=b"{}", headers={"webhook-id": "msg_gone"})
+        assert deliver("slowbody", "msg_s").text == "..."
+        assert deliver("trickle", "msg_t").text == "ok"
+        assert time.monotonic() - started >= 0.02 * (3 + 40)  # a byte at a time: the body, then a whole answer
+        # A sender that gives up mid-body has the answer (headers sent) but not all of it, and
+        # the log says when it hung up.
+        sender = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        sender.request("POST", "/hooks/slowbody/u1", body=b"{}", headers={"webhook-id": "msg_gone"})
         assert sender.getresponse().status == 200
         sender.close()
         gave_up = time.time()
-        wait_for(lambda: "msg_gone" in log.read_text(), timeout=5, what="the abandoned trickle to be logged")
+        wait_for(lambda: "msg_gone" in log.read_text(), timeout=5, what="the abandoned delivery to be logged")
+        # A sender that gives up before the status line is whole never had an answer.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            raw.sendall(b"POST /hooks/trickle/u1 HTTP/1.1\r\nHost: x\r\nwebhook-id: msg_cut\r\n"
+                        b"Content-Length: 2\r\n\r\n{}")
+            assert raw.recv(4) == b"H"  # the first byte of the status line, then the sender leaves
+        wait_for(lambda: "msg_cut" in log.read_text(), timeout=5, what="the cut-off delivery to be logged")
     finally:
         receivers.stop()
     entries = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [(e["webhook_id"], e["mode"], e["status"], e["completed"]) for e in entries] == [
-        ("msg_f", "flaky", 500, True), ("msg_f", "flaky", 500, True), ("msg_f", "flaky", 200, True),
-        ("msg_x", "fail", 500, True), ("msg_o", "ok", 200, True), ("msg_r", "redirect", 307, True),
-        ("msg_r", "redirected", 200, True), ("msg_t", "trickle", 200, True), ("msg_gone", "trickle", 200, False)]
-    assert [e["signature_ok"] for e in entries] == [True] * 4 + [False] + [True] * 3 + [False]
-    assert all(e["start"] <= e["end"] and e["job_id"] == "j-" + e["webhook_id"] for e in entries[:-1])
-    assert entries[-1]["end"] - gave_up < 0.1  # noticed at once, not at the next byte
+    assert [(e["webhook_id"], e["mode"], e["status"], e["answered"], e["completed"]) for e in entries] == [
+        ("msg_f", "flaky", 500, True, True), ("msg_f", "flaky", 500, True, True), ("msg_f", "flaky", 200, True, True),
+        ("msg_x", "fail", 500, True, True), ("msg_o", "ok", 200, True, True), ("msg_r", "redirect", 307, True, True),
+        ("msg_r", "redirected", 200, True, True), ("msg_s", "slowbody", 200, True, True),
+        ("msg_t", "trickle", 200, True, True), ("msg_gone", "slowbody", 200, True, False),
+        ("msg_cut", "trickle", 200, False, False)]
+    assert [e["signature_ok"] for e in entries] == [True] * 4 + [False] + [True] * 4 + [False] * 2
+    assert all(e["start"] <= e["end"] and e["job_id"] == "j-" + e["webhook_id"] for e in entries[:-2])
+    assert entries[-2]["end"] - gave_up < 0.1  # noticed at once, not at the next byte
 
 
 def _utc(timestamp: int):
