@@ -137,7 +137,7 @@ class Options:
     submitters: int = 6
     duration: float = 3600.0  # seconds of submitting and faults at most
     drain_timeout: float = 900.0
-    stall_timeout: float = 120.0
+    stall_timeout: float = 60.0  # webhooks: stop waiting for deliveries that have not moved for this long
     faults: tuple[str, ...] = FAULTS
     fault_interval: tuple[float, float] = (5.0, 15.0)
     # (seconds after the first submission, fault, target process or ""): replaces the random draw
@@ -775,29 +775,44 @@ class Result:
         return sum(len(verdict["violations"]) for verdict in self.verdicts)
 
 
-def wait_for_quiet(stack: ChaosStack, options: Options, users: list[ChaosUser]) -> dict:
+def wait_for_quiet(stack: ChaosStack, options: Options, limits: invariants.Limits) -> dict:
     """Wait until every job is terminal and every webhook to a receiver that accepts is
-    delivered, or nothing has moved for --stall-timeout, or --drain-timeout has passed."""
+    delivered; or until every job still waiting is past its bound (a violation the checker will
+    report, not one more wait can mend) and the webhooks have not moved for --stall-timeout; or
+    until --drain-timeout. A job whose attempt is running (its lease alive) is never given up on:
+    a hung generator call is over within the kind's timeout, and its time counts in the bound."""
     accepting = [stack.receivers.url_for(mode, "") + "%" for mode in sorted(ACCEPTING_MODES)]
     deadline = time.monotonic() + options.drain_timeout
-    last_state, last_change = None, time.monotonic()
+    last_webhooks, webhooks_moved = None, time.monotonic()
     while True:
-        (waiting,), = stack_query(stack, "SELECT count(*) FROM jobs WHERE status <> ALL(%s)", (list(TERMINAL),))
-        (undelivered,), = stack_query(
-            stack, "SELECT count(*) FROM notifications n JOIN users u ON u.id = n.user_id WHERE n.delivered_at IS NULL"
-                   " AND n.next_delivery_at IS NOT NULL AND u.webhook_url LIKE ANY(%s)", (accepting,))
-        (moved,), = stack_query(stack, "SELECT max(updated_at)::text FROM jobs")
-        state = (waiting, undelivered, moved)
-        if waiting == 0 and undelivered == 0:
+        waiting = stack_query(stack, """
+            SELECT extract(epoch FROM j.created_at), j.attempts, coalesce(a.in_attempts, 0), coalesce(a.lost, 0),
+                   j.status = 'processing' AND j.lease_expires_at > now(), extract(epoch FROM clock_timestamp())
+              FROM jobs j LEFT JOIN (
+                   SELECT job_id, sum(duration_ms) FILTER (WHERE outcome <> 'lost') / 1000.0 AS in_attempts,
+                          count(*) FILTER (WHERE outcome = 'lost') AS lost
+                     FROM job_attempts GROUP BY job_id) a ON a.job_id = j.id
+             WHERE j.status <> ALL(%s)""", (list(TERMINAL),))
+        undecided = sum(1 for created, attempts, in_attempts, lost, running, now in waiting
+                        if running or now <= invariants.bound_from(float(created), attempts, float(in_attempts),
+                                                                   lost, limits))
+        webhooks = stack_query(
+            stack, "SELECT count(*), max(n.delivery_attempts), sum(n.delivery_attempts) FROM notifications n"
+                   " JOIN users u ON u.id = n.user_id WHERE n.delivered_at IS NULL AND n.next_delivery_at IS NOT NULL"
+                   " AND u.webhook_url LIKE ANY(%s)", (accepting,))[0]
+        undelivered = webhooks[0]
+        if webhooks != last_webhooks:
+            last_webhooks, webhooks_moved = webhooks, time.monotonic()
+        if not waiting and not undelivered:
             return {"reason": "every job terminal, every webhook to an accepting receiver delivered"}
-        if state != last_state:
-            last_state, last_change = state, time.monotonic()
-        if time.monotonic() - last_change > options.stall_timeout:
-            return {"reason": "nothing moved for %.0fs: %d jobs not terminal, %d webhooks undelivered"
-                              % (options.stall_timeout, waiting, undelivered)}
+        webhooks_done = not undelivered or time.monotonic() - webhooks_moved > options.stall_timeout
+        if not undecided and webhooks_done:
+            return {"reason": "%d jobs not terminal, all past their bound; %d webhooks undelivered"
+                              % (len(waiting), undelivered)}
         if time.monotonic() > deadline:
-            return {"reason": "drain timeout: %d jobs not terminal, %d webhooks undelivered" % (waiting, undelivered)}
-        time.sleep(1)
+            return {"reason": "drain timeout: %d jobs not terminal (%d within their bound), %d webhooks undelivered"
+                              % (len(waiting), undecided, undelivered)}
+        time.sleep(2)
 
 
 def stack_query(stack: ChaosStack, sql: str, parameters: Optional[tuple] = None) -> list[tuple]:
@@ -845,15 +860,15 @@ def run(options: Options) -> Result:
         submitter.close()
         print("submitted %d in %.1fs (answers %s); faults %s; draining" % (
             submitted, wall["submitting"], dict(submitter.answers), dict(chaos.injected)), flush=True)
-        drained = wait_for_quiet(stack, options, users)
+        limits = invariants.Limits.from_env(stack.env, slack=options.slack,
+                                            retry_after_max=float(options.generator.get("GENERATOR_429_RETRY_AFTER", 1)))
+        drained = wait_for_quiet(stack, options, limits)
         # Late attempts (a resumed worker, a hang the client gave up on) land within a lease or so.
         time.sleep(float(options.settings["JOB_LEASE_SECONDS"]) + 3)
         wall["until quiet"] = time.monotonic() - started
         wall["drain"] = wall["until quiet"] - wall["submitting"]
         jobs_by_status = {"%s%s" % (status, "/" + outcome if outcome else ""): count for status, outcome, count in
                           stack_query(stack, "SELECT status, outcome, count(*) FROM jobs GROUP BY 1, 2 ORDER BY 1, 2")}
-        limits = invariants.Limits.from_env(stack.env, slack=options.slack,
-                                            retry_after_max=float(options.generator.get("GENERATOR_429_RETRY_AFTER", 1)))
         checked = time.monotonic()
         verdicts = invariants.run_checks(stack.postgres.url, limits, stack.call_log, stack.receivers_log,
                                          stack.submissions_log,
@@ -925,7 +940,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="seconds of submitting and faults at most; then the run drains")
     parser.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
     parser.add_argument("--stall-timeout", type=float, default=defaults.stall_timeout,
-                        help="stop draining when nothing has moved for this long")
+                        help="stop waiting for webhook deliveries that have not moved for this long")
     parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated, from: " + ", ".join(FAULTS)
                         + " ('' for none)")
     parser.add_argument("--fault-interval", default="5,15", help="seconds between faults: min,max")
