@@ -10,8 +10,10 @@ the reference generator's call log (GENERATOR_CALL_LOG), the chaos webhook recei
 The ladder's settings (RETRY_DELAYS, MAX_RETRIES, MAX_RETRY_ATTEMPTS, JOB_LEASE_SECONDS,
 QUEUE_CHECK_INTERVAL, BACKGROUND_PROCESSING_INTERVAL, MAX_BACKGROUND_RETRY_AGE,
 NOTIFY_ON_FAILURE) are read from the environment, as the stack read them: run the checker
-with the stack's environment, or give --env-file (bench/chaos.py leaves one, stack.env). It prints every invariant with its figure and its violations,
-and exits 1 if any invariant is violated.
+with the stack's environment, or give --env-file (bench/chaos.py leaves one, stack.env). It
+prints every invariant with its figure and its violations, and exits 1 if any is violated.
+Results are read through the API (--web-url, --admin-token) or, with STORAGE_BACKEND=filesystem,
+from --media-root.
 
 How generator calls are counted against recorded attempts (`calls-match-attempts`)
 ---------------------------------------------------------------------------------

@@ -43,8 +43,8 @@ def test_chaos_smoke_keeps_every_invariant():
         run = subprocess.run(
             # A generator answering in 20 ms rather than 100: the same faults, a minute less of the suite.
             [sys.executable, "bench/chaos.py", "--jobs", "200", "--rate", "4", "--schedule", SMOKE_SCHEDULE,
-             "--generator", "GENERATOR_LATENCY_MS=20", "--stall-timeout", "25", "--drain-timeout", "150", "--slack", "120",
-             "--seed", "5", "--shown", "5",
+             "--generator", "GENERATOR_LATENCY_MS=20", "--stall-timeout", "25", "--drain-timeout", "150",
+             "--slack", "120", "--seed", "5", "--shown", "5",
              "--work-dir", str(work / "run"), "--report", str(work / "report.json")],
             cwd=ROOT, capture_output=True, text=True, timeout=400)
         print(run.stdout[-30_000:], run.stderr[-5_000:])
