@@ -137,7 +137,7 @@ class Options:
     submitters: int = 6
     duration: float = 3600.0  # seconds of submitting and faults at most
     drain_timeout: float = 900.0
-    stall_timeout: float = 60.0  # webhooks: stop waiting for deliveries that have not moved for this long
+    stall_timeout: float = 60.0  # stop waiting for late jobs and webhooks that have not moved for this long
     faults: tuple[str, ...] = FAULTS
     fault_interval: tuple[float, float] = (5.0, 15.0)
     # (seconds after the first submission, fault, target process or ""): replaces the random draw
@@ -778,12 +778,13 @@ class Result:
 def wait_for_quiet(stack: ChaosStack, options: Options, limits: invariants.Limits) -> dict:
     """Wait until every job is terminal and every webhook to a receiver that accepts is
     delivered; or until every job still waiting is past its bound (a violation the checker will
-    report, not one more wait can mend) and the webhooks have not moved for --stall-timeout; or
-    until --drain-timeout. A job whose attempt is running (its lease alive) is never given up on:
-    a hung generator call is over within the kind's timeout, and its time counts in the bound."""
+    report, whatever happens next) and neither those jobs nor the webhooks have moved for
+    --stall-timeout (a late job that still moves is let finish, so the report says how late);
+    or until --drain-timeout. A job whose attempt is running (its lease alive) is never given up
+    on: a hung generator call is over within the kind's timeout, and its time counts in the bound."""
     accepting = [stack.receivers.url_for(mode, "") + "%" for mode in sorted(ACCEPTING_MODES)]
     deadline = time.monotonic() + options.drain_timeout
-    last_webhooks, webhooks_moved = None, time.monotonic()
+    last_state, moved = None, time.monotonic()
     while True:
         waiting = stack_query(stack, """
             SELECT extract(epoch FROM j.created_at), j.attempts, coalesce(a.in_attempts, 0), coalesce(a.lost, 0),
@@ -797,18 +798,18 @@ def wait_for_quiet(stack: ChaosStack, options: Options, limits: invariants.Limit
                         if running or now <= invariants.bound_from(float(created), attempts, float(in_attempts),
                                                                    lost, limits))
         webhooks = stack_query(
-            stack, "SELECT count(*), max(n.delivery_attempts), sum(n.delivery_attempts) FROM notifications n"
+            stack, "SELECT count(*), sum(n.delivery_attempts) FROM notifications n"
                    " JOIN users u ON u.id = n.user_id WHERE n.delivered_at IS NULL AND n.next_delivery_at IS NOT NULL"
                    " AND u.webhook_url LIKE ANY(%s)", (accepting,))[0]
         undelivered = webhooks[0]
-        if webhooks != last_webhooks:
-            last_webhooks, webhooks_moved = webhooks, time.monotonic()
+        state = (len(waiting), sum(row[1] for row in waiting), sum(row[3] for row in waiting), webhooks)
+        if state != last_state:
+            last_state, moved = state, time.monotonic()
         if not waiting and not undelivered:
             return {"reason": "every job terminal, every webhook to an accepting receiver delivered"}
-        webhooks_done = not undelivered or time.monotonic() - webhooks_moved > options.stall_timeout
-        if not undecided and webhooks_done:
-            return {"reason": "%d jobs not terminal, all past their bound; %d webhooks undelivered"
-                              % (len(waiting), undelivered)}
+        if not undecided and time.monotonic() - moved > options.stall_timeout:
+            return {"reason": "%d jobs not terminal, all past their bound; %d webhooks undelivered; nothing moved "
+                              "for %.0fs" % (len(waiting), undelivered, options.stall_timeout)}
         if time.monotonic() > deadline:
             return {"reason": "drain timeout: %d jobs not terminal (%d within their bound), %d webhooks undelivered"
                               % (len(waiting), undecided, undelivered)}
@@ -940,7 +941,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="seconds of submitting and faults at most; then the run drains")
     parser.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
     parser.add_argument("--stall-timeout", type=float, default=defaults.stall_timeout,
-                        help="stop waiting for webhook deliveries that have not moved for this long")
+                        help="stop waiting for jobs past their bound and webhooks that have not moved for this long")
     parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated, from: " + ", ".join(FAULTS)
                         + " ('' for none)")
     parser.add_argument("--fault-interval", default="5,15", help="seconds between faults: min,max")
