@@ -982,6 +982,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                       fault_interval=(low, high), schedule=tuple(schedule), generator_outage=args.generator_outage,
                       concurrency=args.concurrency, worker_instances=args.worker_instances, seed=args.seed,
                       slack=args.slack, keep=args.keep, work_dir=args.work_dir, shown=args.shown, report=args.report)
+    # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so that the stack is stopped and no
+    # server of ours is left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("chaos run: terminated"))
     options.generator.update(dict(item.split("=", 1) for item in args.generator))
     options.settings.update(dict(item.split("=", 1) for item in args.set))
     result = run(options)
