@@ -36,7 +36,9 @@ an answered attempt takes exactly one call that started within its recorded inte
 between them, at most one each. Violations: a call left over (a call no attempt explains:
 an attempt ran without a claim, or twice); an answered attempt with no call (an answer the
 generator never gave); a call that could only belong to a claimed number with no row at all
-(a call the history lost); a row for a number beyond `jobs.attempts`.
+(a call the history lost; except the attempt of a job `processing` now, which writes its row
+when it ends); a row for a number beyond `jobs.attempts`; one number recorded twice by the
+attempt itself.
 
 `generator calls = answered attempts + the cut-off attempts that reached the generator`,
 and no job's calls exceed 1 + MAX_RETRIES + MAX_RETRY_ATTEMPTS (`calls-at-most-9`).
@@ -52,8 +54,9 @@ longest Retry-After a 429 may ask); time in attempts = the durations its own att
 recorded; recoveries = (JOB_LEASE_SECONDS + 2 x QUEUE_CHECK_INTERVAL) per lost attempt;
 background = MAX_BACKGROUND_RETRY_AGE + BACKGROUND_PROCESSING_INTERVAL once the fast ladder is
 used up (the age limit is what ends a background wait, whatever the contention for its
-slots); slack (--slack) covers queueing and the recoveries a fault costs (a lost message is
-re-published after max(30 s, 3 x QUEUE_CHECK_INTERVAL)).
+slots); slack (--slack) covers queueing and what a fault costs beyond that (a lost message
+re-sent, a PostgreSQL restart waited out). A job first attempted long after its submission
+shows in the violation ("first attempt N s after submission"): a backlog, or a lost message.
 """
 from __future__ import annotations
 
