@@ -23,3 +23,6 @@ from flower.views.monitor import Metrics  # noqa: E402
 from tornado.web import authenticated  # noqa: E402
 
 Metrics.get = authenticated(Metrics.get)
+
+# Flower keeps task events in memory; without a bound it grows with every attempt ever made.
+max_tasks = 10000

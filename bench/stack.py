@@ -50,9 +50,10 @@ class BenchStack:
         wait_for(lambda: _ok(requests, self.web_url + "/healthz"), timeout=30, what="the web process")
         return self
 
-    def create_user(self, balance: int) -> str:
+    def create_user(self, balance: int, admin: bool = False) -> str:
         output = subprocess.run([str(BIN / "flask"), "--app", "webapp", "users", "create", "--email",
-                                 "bench-%s@example.com" % uuid.uuid4().hex[:8], "--balance", str(balance)],
+                                 "bench-%s@example.com" % uuid.uuid4().hex[:8], "--balance", str(balance)]
+                                + (["--admin"] if admin else []),
                                 env=self.env, check=True, capture_output=True, text=True).stdout
         return output.strip().splitlines()[-1]
 

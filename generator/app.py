@@ -132,8 +132,10 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
         finally:
             # Decremented before the response is written, so a caller's prompt retry never looks concurrent.
             tracker.end(job_id)
-        log.info("render job=%s call=%d status=%d ms=%d%s", job_id, job_call, resp.status_code,
-                 (time.monotonic() - started) * 1000, " fault=" + ",".join(faults) if faults else "")
+        # The caller's trace context (W3C), so a render can be found from the caller's trace.
+        log.info("render job=%s call=%d status=%d ms=%d traceparent=%s%s", job_id, job_call, resp.status_code,
+                 (time.monotonic() - started) * 1000, request.headers.get("traceparent", "-"),
+                 " fault=" + ",".join(faults) if faults else "")
         if logged is not None:
             call_log.end(logged, resp.status_code, ",".join(faults) or None)
         return resp

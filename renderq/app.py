@@ -10,12 +10,16 @@ from flask import Flask
 
 import celeryconfig
 from config import ConfigError, kinds, load_settings
+from renderq import tracing
 from renderq.db import db
 from renderq.logs import configure_logging
 
 
-def create_base_app(config: Optional[Mapping[str, str]] = None, name: str = "renderq") -> Flask:
-    """`config` overrides environment variables (tests pass a mapping)."""
+def create_base_app(config: Optional[Mapping[str, str]] = None, name: str = "renderq",
+                    trace_as: Optional[str] = None) -> Flask:
+    """`config` overrides environment variables (tests pass a mapping). `trace_as` names the
+    service this process traces as, if traces are on (renderq.tracing); a Celery worker leaves
+    it out and sets traces up in the processes its pool runs tasks in (tasks/celery.py)."""
     settings = load_settings({**os.environ, **(config or {})})
     kinds.use_limits(settings.kind_limits)
     try:  # uploads and results go there, and beat keeps its schedule there (Procfile)
@@ -31,6 +35,8 @@ def create_base_app(config: Optional[Mapping[str, str]] = None, name: str = "ren
     configure_logging(settings.log_format)
     db.init_app(app)
     _bind_celery(app)
+    if trace_as:
+        tracing.setup(app, trace_as)
     return app
 
 

@@ -53,12 +53,20 @@ class JsonFormatter(logging.Formatter):
             "request_id": None if record.request_id == "-" else record.request_id,
             "message": message,
         }
+        entry.update(getattr(record, "fields", None) or {})  # structured extras: an access line's method, status...
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        elif record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s job=%(job_id)s req=%(request_id)s %(message)s"
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    """renderq's formatter for LOG_FORMAT (its handlers also need a ContextFilter)."""
+    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
 
 
 def configure_logging(log_format: str) -> None:
@@ -69,6 +77,10 @@ def configure_logging(log_format: str) -> None:
     handler = logging.StreamHandler()
     handler.renderq = True  # type: ignore[attr-defined]
     handler.addFilter(ContextFilter())
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(formatter(log_format))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # "setup plugin ..." per process
+    if log_format == "json":
+        # A library's warnings.warn() would otherwise print several plain-text lines to stderr.
+        logging.captureWarnings(True)

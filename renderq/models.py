@@ -1,5 +1,5 @@
 """The tables: users, photos, jobs (the mirror of every job's state), the ledger, notifications,
-idempotency keys and the attempt history."""
+idempotency keys, the attempt history and admins' replays of failed jobs."""
 from __future__ import annotations
 
 import uuid
@@ -92,6 +92,12 @@ class Job(db.Model):
     lease_expires_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     attempt_started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     worker_host: Mapped[Optional[str]] = mapped_column(String(255))  # the worker that ran the latest attempt
+    # How many times an admin has replayed this failed job (renderq.jobs.replay); each replay
+    # is a generation of its own in the ledger, with its own hold and its own capture or release.
+    generation: Mapped[int] = mapped_column(default=0, server_default="0")
+    # The W3C traceparent of the request that submitted the job (renderq.tracing): its attempts
+    # and webhook join that trace whichever process sends them. NULL when nothing traced it.
+    trace_parent: Mapped[Optional[str]] = mapped_column(String(64))
     created_at: Mapped[datetime] = _now_column()
     started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
@@ -117,26 +123,32 @@ class Job(db.Model):
         Index("ix_jobs_in_flight", "user_id",
               postgresql_where=text("status = 'processing' OR dispatch_token IS NOT NULL")),
         Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'processing'")),
+        Index("ix_jobs_waiting_since", "created_at", postgresql_where=text("status = 'pending'")),
         Index("ix_jobs_completed_at", "completed_at", postgresql_where=text("completed_at IS NOT NULL")),
+        # An admin's replay (renderq.jobs.replay): failed jobs, oldest failure first, in a time window.
+        Index("ix_jobs_failed", "completed_at", "id", postgresql_where=text("status = 'failed'")),
     )
 
 
 
 class LedgerEntry(db.Model):
-    """Append-only credit movements. At most one hold, capture and release per job,
-    enforced by a unique index: a redelivered task cannot charge twice."""
+    """Append-only credit movements. At most one hold, capture and release per job and
+    generation (the job's first run is generation 0, each replay of it the next one), enforced
+    by a unique index: a redelivered task cannot charge twice."""
     __tablename__ = "ledger_entries"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     # No foreign key: the ledger outlives jobs purged after COMPLETED_JOB_TTL.
     job_id: Mapped[Optional[uuid.UUID]]
+    generation: Mapped[int] = mapped_column(default=0, server_default="0")  # the job's generation it belongs to
     entry_type: Mapped[str] = mapped_column(String(16))  # an EntryKind
     amount: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = _now_column()
 
     __table_args__ = (
-        Index("uq_ledger_job_entry", "job_id", "entry_type", unique=True, postgresql_where=text("job_id IS NOT NULL")),
+        Index("uq_ledger_job_entry", "job_id", "generation", "entry_type", unique=True,
+              postgresql_where=text("job_id IS NOT NULL")),
         Index("ix_ledger_user_created", "user_id", "created_at"),
     )
 
@@ -219,6 +231,11 @@ class WorkerHost(db.Model):
     started_at: Mapped[datetime] = _now_column()
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
+    @property
+    def host(self) -> str:
+        """The worker's name (`attempts@host`) without the process: rows are per process."""
+        return self.name.rsplit("/", 1)[0]
+
 
 class SchedulerClock(db.Model):
     """One row: the fair tag of the last job dispatched. New jobs of a user who was idle queue
@@ -227,3 +244,80 @@ class SchedulerClock(db.Model):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     fair_tag: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+# Counters the stats views and /metrics read in constant time (renderq.counters; the triggers
+# that keep job_count_deltas are in the migration that made these tables).
+class JobCount(db.Model):
+    __tablename__ = "job_counts"
+
+    kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(32), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)  # '' unless completed
+    retry_count: Mapped[int] = mapped_column(primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
+class JobCountDelta(db.Model):
+    __tablename__ = "job_count_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[str] = mapped_column(String(16))
+    retry_count: Mapped[int]
+    delta: Mapped[int] = mapped_column(BigInteger)
+
+
+class AttemptTotal(db.Model):
+    __tablename__ = "attempt_totals"
+
+    kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(16), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
+    retry: Mapped[bool] = mapped_column(primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    duration_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class AttemptBucket(db.Model):
+    __tablename__ = "attempt_buckets"
+
+    kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    le_ms: Mapped[int] = mapped_column(primary_key=True)  # -1: longer than the last bound
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
+class AttemptMinute(db.Model):
+    __tablename__ = "attempt_minutes"
+
+    minute: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    le_ms: Mapped[int] = mapped_column(primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
+class CounterWatermark(db.Model):
+    __tablename__ = "counter_watermarks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class JobReplay(db.Model):
+    """An admin's replay of failed jobs (renderq.jobs.replay): who, when, the filter, and what
+    it put back and skipped. No foreign key to users: the record outlives them."""
+    __tablename__ = "job_replays"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    requested_by: Mapped[str] = mapped_column(String(320))  # the admin's e-mail, or "cli:<unix user>"
+    admin_id: Mapped[Optional[int]] = mapped_column(BigInteger)
+    filter: Mapped[dict] = mapped_column(JSON)
+    replayed: Mapped[int]
+    skipped: Mapped[int]
+    skipped_reasons: Mapped[dict] = mapped_column(JSON)  # reason code -> how many
+    credits_held: Mapped[int] = mapped_column(BigInteger)
+    job_ids: Mapped[list] = mapped_column(JSON)  # the replayed jobs
+    skipped_jobs: Mapped[list] = mapped_column(JSON)  # [{job_id, user_id, reason}]
+    duration_ms: Mapped[int]
+    created_at: Mapped[datetime] = _now_column()

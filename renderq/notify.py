@@ -32,11 +32,16 @@ def event_for(status: Status, outcome: Optional[str], settings: Settings) -> Opt
     return None
 
 
-def payload(job: Job, event: Event, locale: str) -> dict:
+# What a notification is made of, returned by the UPDATE that finishes the job (lifecycle._finish).
+JOB_COLUMNS = (Job.id, Job.user_id, Job.status, Job.outcome, Job.kind, Job.block_reason, Job.error_code)
+USER_COLUMNS = (User.locale, User.webhook_url)
+
+
+def payload(job: Any, event: Event, locale: str) -> dict:
     body = {"event": "job.%s" % event, "job_id": str(job.id), "status": job.status, "outcome": job.outcome,
             "kind": job.kind}
     if event == Event.SUCCEEDED:
-        body["result_url"] = job.result_url
+        body["result_url"] = Job.result_url.fget(job)
     elif event == Event.BLOCKED:
         body["block_reason"] = job.block_reason
         body["message"] = block_message(job.block_reason, locale)
@@ -45,20 +50,21 @@ def payload(job: Job, event: Event, locale: str) -> dict:
     return body
 
 
-def record(job_id: uuid.UUID, event: Event, settings: Settings) -> Optional[int]:
-    """Insert the notification unless it exists; its id if this call created it."""
-    job = db.session.get(Job, job_id, populate_existing=True)
-    user = db.session.get(User, job.user_id)
+def record(job: Any, event: Event, settings: Settings) -> Optional[int]:
+    """Insert the notification unless it exists, in the transaction that finishes the job; `job`
+    is that UPDATE's row (JOB_COLUMNS and USER_COLUMNS). Its id if this call created it and it
+    is to be delivered to a webhook (a user without one only reads the inbox)."""
     statement = (
         insert(Notification)
-        .values(user_id=user.id, job_id=job.id, event=event,
-                payload=payload(job, event, user.locale or settings.default_locale),
+        .values(user_id=job.user_id, job_id=job.id, event=event,
+                payload=payload(job, event, job.locale or settings.default_locale),
                 webhook_id="msg_%s" % uuid.uuid4().hex,
-                next_delivery_at=func.now() if user.webhook_url else None)
+                next_delivery_at=func.now() if job.webhook_url else None)
         .on_conflict_do_nothing(index_elements=["job_id", "event"])
         .returning(Notification.id)
     )
-    return db.session.execute(statement).scalar()
+    notification_id = db.session.execute(statement).scalar()
+    return notification_id if job.webhook_url else None
 
 
 def inbox(user_id: int, limit: int = 50) -> list[Notification]:

@@ -1,56 +1,59 @@
-"""Read-only numbers for /api/queue/stats and the admin monitoring views."""
+"""Numbers for /api/queue/stats, the admin views and /metrics, in constant time (from
+renderq.counters); only a view of one user's jobs reads that user's rows."""
 from __future__ import annotations
 
-from typing import Optional
+from collections import Counter
+from typing import Iterable, Optional
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from config.kinds import KINDS
+from renderq import counters
+from renderq.counters import JobCountRow
 from renderq.db import db
-from renderq.enums import AttemptOutcome, Outcome, Status
+from renderq.enums import Outcome, Status
 from renderq.models import Job
 
-_DURATIONS = text("""
-    SELECT count(*) AS samples,
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50,
-           percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95
-      FROM job_attempts
-     WHERE started_at > now() - interval '1 hour' AND outcome <> :lost
-""").bindparams(lost=AttemptOutcome.LOST)
+
+def _rows(user_id: Optional[int]) -> list[JobCountRow]:
+    if user_id is None:
+        return counters.job_counts()
+    query = (select(Job.kind, Job.status, func.coalesce(Job.outcome, ""), Job.retry_count, func.count())
+             .where(Job.user_id == user_id).group_by(Job.kind, Job.status, Job.outcome, Job.retry_count))
+    return [JobCountRow(*row) for row in db.session.execute(query)]
+
+
+def _by_status_and_kind(rows: Iterable[JobCountRow]) -> tuple[dict, dict]:
+    by_status = {status.value: 0 for status in Status}
+    by_kind = {kind: {status.value: 0 for status in Status} for kind in KINDS}
+    for row in rows:
+        by_status[row.status] += row.count
+        by_kind.setdefault(row.kind, {status.value: 0 for status in Status})[row.status] += row.count
+    return by_status, by_kind
 
 
 def counts(user_id: Optional[int] = None) -> tuple[dict, dict]:
     """(jobs by status, jobs by kind and status), every status and kind present."""
-    query = select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
-    if user_id is not None:
-        query = query.where(Job.user_id == user_id)
-    by_status = {status.value: 0 for status in Status}
-    by_kind = {kind: {status.value: 0 for status in Status} for kind in KINDS}
-    for kind, status, count in db.session.execute(query):
-        by_status[status] += count
-        by_kind.setdefault(kind, {status.value: 0 for status in Status})[status] += count
-    return by_status, by_kind
+    return _by_status_and_kind(_rows(user_id))
 
 
 def attempt_durations() -> dict:
-    row = db.session.execute(_DURATIONS).one()
-    as_int = lambda value: None if value is None else int(round(value))  # noqa: E731
-    return {"samples": row.samples, "p50_ms": as_int(row.p50), "p95_ms": as_int(row.p95)}
+    samples, (p50, p95) = counters.last_hour_percentiles(0.5, 0.95)
+    return {"samples": samples, "p50_ms": p50, "p95_ms": p95}
 
 
 def background(user_id: Optional[int]) -> dict:
-    scope = [] if user_id is None else [Job.user_id == user_id]
-    by_status, by_kind = counts(user_id)
-    blocked = db.session.execute(select(func.count()).select_from(Job).where(Job.outcome == Outcome.BLOCKED, *scope)).scalar()
-    histogram = {str(retries): count for retries, count in db.session.execute(
-        select(Job.retry_count, func.count()).where(*scope).group_by(Job.retry_count).order_by(Job.retry_count))}
+    rows = _rows(user_id)
+    by_status, by_kind = _by_status_and_kind(rows)
+    histogram: Counter = Counter()
+    for row in rows:
+        histogram[row.retry_count] += row.count
     return {
         "pending_background_retry": by_status[Status.PENDING_BACKGROUND_RETRY],
         "processing": by_status[Status.PROCESSING],
         "failed": by_status[Status.FAILED],
         "completed": by_status[Status.COMPLETED],
-        "blocked": blocked,
-        "retry_count_histogram": histogram,
+        "blocked": sum(row.count for row in rows if row.outcome == Outcome.BLOCKED),
+        "retry_count_histogram": {str(retries): histogram[retries] for retries in sorted(histogram)},
         "by_kind": {kind: sum(statuses.values()) for kind, statuses in by_kind.items()},
     }
-

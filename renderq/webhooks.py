@@ -15,10 +15,16 @@ from datetime import datetime, timezone
 from standardwebhooks.webhooks import Webhook
 
 from config import Settings
-from renderq import notify
+from renderq import notify, tracing
 from renderq.logs import job_logging
 from renderq.runtime import settings
-from renderq.webhook_http import DEADLINE_SECONDS, Deadline, DeliveryFailed, UnsafeUrl, post
+from renderq.webhook_http import (
+    DEADLINE_SECONDS,
+    Deadline,
+    DeliveryFailed,
+    UnsafeUrl,
+    post,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +73,17 @@ def deliver(notification_id: int) -> None:
         return  # delivered, not due, held by an attempt in flight, or no webhook_url any more
     config = settings()
     with job_logging(delivery.job_id):
+        tracing.mark_job(delivery.job_id)
         if delivery.attempts > max_attempts(config):  # the last attempt's worker died before recording it
             notify.give_up(delivery, "gave up after %d attempts" % max_attempts(config))
             return
         body = json.dumps(delivery.payload, ensure_ascii=False, separators=(",", ":"))
         headers = signed_headers(config.webhook_secret, delivery.webhook_id, body)
         try:
-            status = post(delivery.url, body.encode(), headers, config.webhook_allowed_networks, deadline)
+            with tracing.client_call("POST webhook", "POST", delivery.url) as call:  # traceparent to the receiver
+                status = post(delivery.url, body.encode(), {**headers, **call.headers}, config.webhook_allowed_networks,
+                              deadline)
+                call.answered(status)
             if not 200 <= status < 300:
                 raise DeliveryFailed(describe_status(status))
         except UnsafeUrl as refused:

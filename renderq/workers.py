@@ -21,6 +21,7 @@ from flask import Flask, current_app
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
+from renderq import tracing
 from renderq.db import db
 from renderq.enums import Status
 from renderq.models import Job, WorkerHost
@@ -56,8 +57,9 @@ class ProcessKeeper:
                 self.leases.discard(lease_token)
 
     def _run(self) -> None:
-        while not self.stopped.wait(self.lease_seconds / 3):
-            self.beat()
+        with tracing.untraced():  # a renewal every few seconds is not worth a trace of its own
+            while not self.stopped.wait(self.lease_seconds / 3):
+                self.beat()
 
     def beat(self) -> None:
         with self.lock:

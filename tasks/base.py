@@ -4,6 +4,7 @@ from __future__ import annotations
 from celery import Task
 from flask import Flask, current_app, has_app_context
 
+from renderq.broker import PUBLISH_TIMEOUT, timer_countdown
 from renderq.jobs.policy import RetryLater
 
 
@@ -25,12 +26,14 @@ class LadderTask(AppContextTask):
     The attempt decides the delay from the job row (renderq.jobs.policy) and raises
     RetryLater(countdown); Celery's own retry machinery sends the message again after it. The
     message goes without the attempt's ticket: when it arrives, the job is due and waits for
-    a free slot like any other (renderq.jobs.scheduler).
+    a free slot like any other (renderq.jobs.scheduler). A wait longer than one timer may last
+    (a 429's Retry-After) is set again for the rest when the timer arrives.
     """
 
     def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None,
               max_retries=None, **options):
         if isinstance(exc, RetryLater):
-            countdown = exc.countdown
+            countdown = timer_countdown(exc.countdown)
             kwargs = {"kind": (self.request.kwargs or {}).get("kind")}
+            options = {**PUBLISH_TIMEOUT, **options}
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)

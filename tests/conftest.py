@@ -18,8 +18,17 @@ import requests
 from PIL import Image
 
 from tests.support import (
-    BIN, Process, create_database, drop_database, free_port, redis_database, side_processes, start_generator,
-    wait_for, wait_for_health, worker_command,
+    BIN,
+    Process,
+    create_database,
+    drop_database,
+    free_port,
+    redis_database,
+    side_processes,
+    start_generator,
+    wait_for,
+    wait_for_health,
+    worker_command,
 )
 
 TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "14"))
@@ -33,6 +42,7 @@ FAST_TIMINGS = {
     "BACKGROUND_PROCESSING_INTERVAL": "700",
     "JOB_LEASE_SECONDS": "2",
     "WEBHOOK_RETRY_DELAYS": "0.3,0.6,0.9",
+    "EVENT_HEARTBEAT_SECONDS": "1",
 }
 
 # The tests' webhook receivers listen on loopback, which renderq refuses unless allow-listed.
@@ -140,9 +150,11 @@ class Stack:
         self.worker = Process("worker", worker_command(), self.env, self.log_dir).start()
 
     def stop(self) -> None:
-        for process in self.side:
+        processes = [*self.side, self.worker]
+        for process in processes:  # all at once: each warm shutdown takes a second or two
+            process.terminate()
+        for process in processes:
             process.stop()
-        self.worker.stop()
 
 
 @pytest.fixture(scope="session")

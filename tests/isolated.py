@@ -9,9 +9,22 @@ from typing import Optional
 
 import redis
 
-from tests.conftest import BASE_DATABASE_URL, BASE_REDIS_URL, FAST_TIMINGS, TEST_REDIS_DB, WEBHOOK_SECRET, check_for_leaks
+from tests.conftest import (
+    BASE_DATABASE_URL,
+    BASE_REDIS_URL,
+    FAST_TIMINGS,
+    TEST_REDIS_DB,
+    WEBHOOK_SECRET,
+    check_for_leaks,
+)
 from tests.support import (
-    Process, create_database, drop_database, redis_database, side_processes, start_generator, worker_command,
+    Process,
+    create_database,
+    drop_database,
+    redis_database,
+    side_processes,
+    start_generator,
+    worker_command,
 )
 
 # Isolated stacks take turns on this Redis database (modules run one after another).

@@ -17,15 +17,13 @@ from renderq.db import db
 from renderq.messages import BLOCK_MESSAGES
 from renderq.models import Job
 from tests.conftest import (
-    BASE_REDIS_URL,
-    TEST_REDIS_DB,
     generator_calls,
     job_json,
     png_bytes,
     upload,
     wait_terminal,
 )
-from tests.support import redis_database, wait_for
+from tests.support import wait_for
 
 
 def auth(token: str) -> dict:
@@ -401,15 +399,19 @@ def test_queue_stats(client, alice):
     assert durations["samples"] >= 1 and 0 <= durations["p50_ms"] <= durations["p95_ms"]
 
 
-def test_queue_stats_answers_fast_with_no_worker(stack_env, make_user, stack):
+def test_queue_stats_answers_fast_with_no_broker(stack_env, make_user, stack):
     from webapp import create_app
 
-    lonely = create_app({**stack_env, "REDIS_URL": redis_database(BASE_REDIS_URL, TEST_REDIS_DB - 2)})
+    lonely = create_app({**stack_env, "REDIS_URL": "redis://127.0.0.1:1/0"})
     _, token = make_user()
+    wait_for(lambda: lonely.test_client().get("/api/queue/stats", headers=auth(token)).get_json()["workers_online"],
+             what="the stack's worker to announce itself")
     started = time.monotonic()
     stats = lonely.test_client().get("/api/queue/stats", headers=auth(token)).get_json()
-    assert time.monotonic() - started < 1.0
-    assert stats["workers_online"] == 0
+    # no broker to ask: the view says so (null) instead of hanging (a loose bound for a loaded machine)
+    assert time.monotonic() - started < 3
+    assert stats["broker_queue_depth"] is None
+    assert stats["workers_online"] == 1  # the stack's worker, announced in PostgreSQL
 
 
 def test_admin_views(client, alice, bob, admin):

@@ -9,10 +9,10 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from tests.conftest import png_bytes, upload, wait_terminal
-from tests.support import wait_for
 from renderq.db import db
 from renderq.models import LedgerEntry, User
+from tests.conftest import png_bytes, upload, wait_terminal
+from tests.support import wait_for
 
 
 def me(client, token: str) -> dict:

@@ -35,6 +35,8 @@ def test_upload_watch_and_see_the_result_then_a_block(page, web_url, make_user, 
     photo = tmp_path / "photo.png"
     photo.write_bytes(png_bytes((320, 200), "teal"))
 
+    streams = []
+    page.on("request", lambda request: streams.append(request.url) if request.url.endswith("/events") else None)
     page.goto(web_url + "/")
     page.fill("#token", token)
     page.click("#token-form button")
@@ -51,6 +53,8 @@ def test_upload_watch_and_see_the_result_then_a_block(page, web_url, make_user, 
     assert page.evaluate("document.getElementById('job-result').naturalWidth") == 320
     expect(page.locator("#jobs tr")).to_have_count(1)
     expect(page.locator("#notifications li")).to_contain_text("succeeded")
+    assert streams and page.locator("#job-card").get_attribute("data-live") == "events"  # live, not polled
+    expect(page.locator("#notifications li a")).to_have_text("result")
     page.screenshot(path=str(tmp_path / "1-completed.png"), full_page=True)
 
     page.fill("#prompt", "[block:CONTENT_SAFETY_VIOLATION]")
@@ -60,6 +64,9 @@ def test_upload_watch_and_see_the_result_then_a_block(page, web_url, make_user, 
         "🚫 Sorry, this image cannot be processed for safety reasons. Please choose another photo.")
     expect(page.locator("#job-result")).to_be_hidden()
     expect(page.locator("#notifications li").first).to_contain_text("safety reasons")
+    expect(page.locator("#jobs tr").first).to_contain_text("completed (blocked)")
+    # the sign is drawn, not left to an emoji font this machine lacks
+    assert page.evaluate("getComputedStyle(document.querySelector('#job-message .no-entry')).borderTopStyle") == "solid"
     expect(page.locator("#account")).to_contain_text("4 of 4 credits available")  # the block cost nothing
     page.screenshot(path=str(tmp_path / "2-blocked.png"), full_page=True)
 

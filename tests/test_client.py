@@ -21,17 +21,26 @@ from typing import Callable, Iterator, Optional
 import pytest
 from PIL import Image
 
-from renderq.messages import BLOCK_MESSAGES
-from tests.conftest import png_bytes
-from tests.support import BIN, free_port
-
 # Installed by requirements-dev.txt (-e ./client), which bin/test installs.
 from renderq_client import (
-    Client, Conflict, Forbidden, InsufficientCredits, Job, NetworkError, NotFound, RenderqError, TooLarge,
-    Unauthorized, WaitTimeout,
+    Client,
+    Conflict,
+    Forbidden,
+    InsufficientCredits,
+    Job,
+    NetworkError,
+    NotFound,
+    RenderqError,
+    TooLarge,
+    Unauthorized,
+    WaitTimeout,
 )
 from renderq_client.cli import describe
 from renderq_client.sse import SseParser
+
+from renderq.messages import BLOCK_MESSAGES
+from tests.conftest import png_bytes
+from tests.support import BIN, free_port
 
 RENDERQ = BIN / "renderq"
 SAFETY_MESSAGE = BLOCK_MESSAGES["CONTENT_SAFETY_VIOLATION"]["en"]

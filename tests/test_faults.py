@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests.conftest import generator_calls, job_json, upload, wait_terminal
-from tests.support import wait_for
+from tests.support import unreachable, wait_for
 
 
 @pytest.fixture()
@@ -49,9 +49,10 @@ def test_a_publish_that_fails_leaves_the_job_pending_for_the_reconciler(app, cli
     from webapp import create_app
 
     _, token = user
-    unreachable = create_app({**stack_env, "REDIS_URL": "redis://127.0.0.1:1/0"})  # a broker that refuses
+    # the broker in use refuses (Redis or RabbitMQ), everything else answers
+    refused = create_app({**stack_env, "BROKER_URL": unreachable(stack_env.get("BROKER_URL", stack_env["REDIS_URL"]))})
     started = time.monotonic()
-    response = upload(unreachable.test_client(), token)
+    response = upload(refused.test_client(), token)
     assert response.status_code == 202
     assert time.monotonic() - started < 5  # the client is not kept waiting on the broker
     # (the job may already be running: any process may send a waiting job's message)

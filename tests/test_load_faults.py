@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
-import redis
 
 from tests.conftest import generator_calls, job_json, upload, wait_terminal
-from tests.support import wait_for
+from tests.support import attempts_worker, purge_attempts_queue, wait_for
 
 
 @pytest.fixture()
@@ -41,15 +41,42 @@ def test_a_dead_workers_attempts_are_recovered_on_time_behind_a_backlog(client, 
         _cancel(client, token, backlog)
 
 
-def test_messages_lost_while_the_broker_lives_on_are_published_again(client, user, stack, stack_env):
+def _dispatched(app, job_ids: list[str]) -> int:
+    """How many of these jobs the scheduler has sent an attempt message for."""
+    from sqlalchemy import func, select
+
+    from renderq.db import db
+    from renderq.models import Job
+
+    with app.app_context():
+        count = db.session.execute(select(func.count()).select_from(Job).where(
+            Job.id.in_([uuid.UUID(job_id) for job_id in job_ids]), Job.dispatch_token.is_not(None))).scalar()
+        db.session.rollback()
+        return count
+
+
+def test_messages_lost_while_the_broker_lives_on_are_published_again(app, client, user, stack, generator):
     _, token = user
-    stack.worker.stop()
+    celery = app.extensions["celery"]
+
+    def waiting_in_broker() -> int:  # as the API reads it, from the broker in use
+        return client.get("/api/queue/stats", headers={"Authorization": "Bearer " + token}).get_json()["broker_queue_depth"]
+
+    # the worker stays up (its slots count) but takes nothing from the queue for a while
+    assert celery.control.cancel_consumer("celery", destination=[attempts_worker(celery)], reply=True)
     try:
+        purge_attempts_queue(celery)  # what earlier tests' canceled jobs left behind (stale: they would step aside)
         jobs = [upload(client, token).get_json()["id"] for _ in range(3)]
-        broker = redis.Redis.from_url(stack_env["REDIS_URL"])
-        broker.delete("celery")  # the queue key, with the three messages; the broker epoch survives
-    finally:
+        # messages for the worker's free slots wait in the broker, the rest of the jobs in PostgreSQL
+        sent = wait_for(lambda: (lambda count: count if count and waiting_in_broker() == count else None)(
+            _dispatched(app, jobs)), timeout=10, what="attempt messages waiting in the broker")
+        assert purge_attempts_queue(celery) == sent  # the messages are lost; the broker lives on
+        print("%d attempt messages purged under %d jobs" % (sent, len(jobs)))
+        assert waiting_in_broker() == 0
+    finally:  # a fresh worker: add_consumer would not survive the worker's next reconnect
+        stack.worker.stop()
         stack.restart_worker()
     for job_id in jobs:
         job = wait_terminal(client, token, job_id, timeout=20)
         assert (job["status"], job["outcome"], job["attempts"]) == ("completed", "succeeded", 1)
+        assert generator_calls(generator, job_id)["calls"] == 1

@@ -11,11 +11,17 @@ import pytest
 from sqlalchemy import func, select
 from standardwebhooks.webhooks import Webhook
 
-from tests.conftest import WEBHOOK_SECRET, generator_calls, job_json, upload, wait_terminal
-from tests.support import free_port, wait_for
 from renderq.db import db
 from renderq.messages import BLOCK_MESSAGES
 from renderq.models import LedgerEntry, Notification, User
+from tests.conftest import (
+    WEBHOOK_SECRET,
+    generator_calls,
+    job_json,
+    upload,
+    wait_terminal,
+)
+from tests.support import free_port, wait_for
 
 
 class Receiver:

@@ -8,9 +8,15 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
-from tests.conftest import FAST_TIMINGS, generator_calls, job_json, upload, wait_terminal
-from tests.support import wait_for
 from renderq.db import db
+from tests.conftest import (
+    FAST_TIMINGS,
+    generator_calls,
+    job_json,
+    upload,
+    wait_terminal,
+)
+from tests.support import wait_for
 
 LADDER = [float(delay) for delay in FAST_TIMINGS["RETRY_DELAYS"].split(",")]
 

@@ -27,6 +27,9 @@ def test_defaults_are_the_spec():
     ("MAX_RETRIES", "-1"), ("MAX_RETRIES", "many"), ("RETRY_DELAYS", "1,x"), ("CONCURRENT_JOBS", "0"),
     ("QUEUE_CHECK_INTERVAL", "0"), ("APP_ENV", "prod"), ("LOG_FORMAT", "xml"), ("NOTIFY_ON_FAILURE", "perhaps"),
     ("DATABASE_URL", "mysql://x"), ("REDIS_URL", "http://x"), ("DEFAULT_LOCALE", "de"),
+    ("BROKER_URL", "http://x"), ("BROKER_URL", "kafka://x"), ("STORAGE_BACKEND", "gcs"),
+    ("S3_BUCKET", "Not_A_Bucket"), ("S3_ENDPOINT_URL", "ftp://x"), ("S3_REGION", "EU West"),
+    ("REDIS_URL", "rediss://cache:6380/0"), ("BROKER_URL", "rediss://cache:6380/0"),
 ])
 def test_a_bad_value_names_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
@@ -112,3 +115,92 @@ def test_celery_reliability_settings_take_effect(app):
 def test_a_retry_after_is_honoured_only_up_to_the_ladders_longest_step():
     step = plan_after_transient_failure(1, 0, timedelta(0), DEFAULTS, retry_after=10 ** 9)
     assert (step.status, step.retry_in) == ("retrying", 300)
+
+
+def test_settings_that_need_each_other_name_what_is_missing():
+    with pytest.raises(ConfigError, match="S3_BUCKET"):
+        load_settings({"STORAGE_BACKEND": "s3"})
+    with pytest.raises(ConfigError, match="BROKER_SENTINEL_MASTER"):
+        load_settings({"BROKER_URL": "sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26379/0"})
+    s3 = load_settings({"STORAGE_BACKEND": "s3", "S3_BUCKET": "renderq-media", "S3_ENDPOINT_URL": "http://minio:9000"})
+    assert (s3.s3_bucket, s3.s3_endpoint_url, s3.s3_region) == ("renderq-media", "http://minio:9000", "")
+
+
+@pytest.mark.parametrize("name, value, secret", [
+    ("REDIS_URL", "http://:hunter2-redis@cache:6379/0", "hunter2-redis"),
+    ("BROKER_URL", "kafka://renderq:hunter2-kafka@queue:9092", "hunter2-kafka"),
+    ("WEBHOOK_SECRET", "whsec_hunter2", "hunter2"),
+    ("FLOWER_BASIC_AUTH", ":hunter2-flower", "hunter2-flower"),
+])
+def test_a_start_up_error_never_prints_a_secret(name, value, secret):
+    with pytest.raises(ConfigError, match=name) as refused:
+        load_settings({name: value})
+    assert secret not in str(refused.value)
+
+
+def test_the_broker_defaults_to_redis_url():
+    settings = load_settings({"REDIS_URL": "redis://cache:6379/2"})
+    assert (settings.broker_url, settings.broker_is_amqp) == ("redis://cache:6379/2", False)
+    assert load_settings({"BROKER_URL": "amqp://guest:guest@rabbit:5672//"}).redis_url == "redis://127.0.0.1:6379/0"
+
+
+def _celery_for(tmp_path, **environ: str):
+    from renderq.app import create_base_app
+
+    return create_base_app({"MEDIA_ROOT": str(tmp_path), **environ}).extensions["celery"]
+
+
+def test_celery_on_rabbitmq_keeps_the_same_guarantees(tmp_path):
+    celery = _celery_for(tmp_path, BROKER_URL="amqp://guest:guest@rabbit:5672//", REDIS_URL="redis://cache:6379/0")
+    conf = celery.conf
+    assert conf.broker_url == "amqp://guest:guest@rabbit:5672//"
+    assert conf.result_backend == "redis://cache:6379/0"  # results (ignored anyway) stay on REDIS_URL
+    # publisher confirms; none of Redis's options (no visibility timeout on RabbitMQ)
+    assert conf.broker_transport_options == {"confirm_publish": True}
+    assert (conf.task_serializer, list(conf.accept_content)) == ("json", ["json"])
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.task_default_delivery_mode == "persistent"
+    for name in (celeryconfig.ATTEMPTS_QUEUE, celeryconfig.MAINTENANCE_QUEUE, celeryconfig.WEBHOOKS_QUEUE):
+        queue = celery.amqp.queues[name]  # made on first use, as a worker or a publish would
+        assert queue.durable and not queue.auto_delete and not (queue.queue_arguments or {}).get("x-queue-type")
+    # a message is held unacknowledged by a worker for at most a timer plus an attempt: well within
+    # RabbitMQ's consumer_timeout, which would otherwise close the channel and redeliver everything
+    assert celeryconfig.longest_unacknowledged() <= celeryconfig.RABBITMQ_DEFAULT_CONSUMER_TIMEOUT / 2
+
+
+def test_tls_brokers_check_the_servers_certificate(tmp_path):
+    import ssl
+
+    from kombu import Connection
+
+    rediss = _celery_for(tmp_path, REDIS_URL="rediss://cache:6380/0?ssl_cert_reqs=required")
+    assert Connection(rediss.conf.broker_url).ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    amqps = _celery_for(tmp_path, BROKER_URL="amqps://renderq:pw@rabbit.internal:5671/renderq")
+    assert amqps.conf.broker_use_ssl == {"server_hostname": None}  # kombu fills in the URL's host name
+
+
+def test_celery_behind_redis_sentinel_is_given_the_master_name(tmp_path):
+    celery = _celery_for(tmp_path, BROKER_URL="sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26379/0",
+                         BROKER_SENTINEL_MASTER="renderq")
+    options = celery.conf.broker_transport_options
+    assert options["master_name"] == "renderq" and options["visibility_timeout"] >= 3600
+
+
+def test_no_timer_waits_longer_than_a_consumer_may_hold_it(app):
+    """A 429's Retry-After of two hours is a chain of timers, none longer than LONGEST_TIMER_SECONDS:
+    the one that arrives early is set again for the rest (renderq.jobs.scheduler.retry_due)."""
+    from renderq.broker import timer_countdown
+    from renderq.jobs.policy import RetryLater
+    from tasks.jobs import attempt
+
+    assert timer_countdown(1.5) == 1.5 and timer_countdown(7200) == celeryconfig.LONGEST_TIMER_SECONDS
+    given = []
+
+    def record(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None, max_retries=None, **options):
+        given.append((countdown, options.get("confirm_timeout")))
+        raise Exception("published")
+
+    with mock.patch.object(Task, "retry", record), app.app_context():
+        with pytest.raises(Exception, match="published"):
+            attempt.retry(exc=RetryLater(7200))
+    assert given == [(celeryconfig.LONGEST_TIMER_SECONDS, 5)]

@@ -16,7 +16,15 @@ from PIL import Image
 
 from tests.conftest import FAST_TIMINGS
 from tests.support import (
-    BIN, ROOT, PrivateRedis, Process, create_database, drop_database, free_port, wait_for, wait_for_health,
+    BIN,
+    ROOT,
+    PrivateRedis,
+    Process,
+    create_database,
+    drop_database,
+    free_port,
+    wait_for,
+    wait_for_health,
 )
 
 FLOWER_LOGIN = ("ops", "procfile-secret")

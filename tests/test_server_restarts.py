@@ -10,7 +10,14 @@ from typing import Iterator
 import pytest
 import redis
 
-from tests.conftest import Stack, check_for_leaks, generator_calls, job_json, upload, wait_terminal
+from tests.conftest import (
+    Stack,
+    check_for_leaks,
+    generator_calls,
+    job_json,
+    upload,
+    wait_terminal,
+)
 from tests.support import PrivatePostgres, PrivateRedis, wait_for
 
 

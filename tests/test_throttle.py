@@ -12,10 +12,22 @@ import redis
 import requests
 
 from tests.conftest import (
-    BASE_DATABASE_URL, BASE_REDIS_URL, FAST_TIMINGS, TEST_REDIS_DB, WEBHOOK_SECRET, upload, wait_terminal,
+    BASE_DATABASE_URL,
+    BASE_REDIS_URL,
+    FAST_TIMINGS,
+    TEST_REDIS_DB,
+    WEBHOOK_SECRET,
+    upload,
+    wait_terminal,
 )
 from tests.support import (
-    Process, create_database, drop_database, redis_database, side_processes, start_generator, worker_command,
+    Process,
+    create_database,
+    drop_database,
+    redis_database,
+    side_processes,
+    start_generator,
+    worker_command,
 )
 
 LIMIT = 2

@@ -8,12 +8,13 @@ from typing import Callable, Optional
 from flask import Blueprint, Response, g, jsonify, request, send_file
 from sqlalchemy import select, text
 
-from renderq import broker, storage
+from renderq import broker, events, storage
 from renderq.db import db
 from renderq.enums import TERMINAL_STATUSES, Outcome
 from renderq.errors import Conflict, InvalidInput, NotFound
 from renderq.images import check_image
 from renderq.jobs import control, submit
+from renderq.logs import job_logging
 from renderq.models import Job, Photo, User
 from renderq.runtime import redis_client, settings
 from webapp import headers
@@ -72,19 +73,26 @@ def _result_file(job: Job) -> Response:
 
 def _accepted(job: Job) -> Response:
     """202 with the job; with `Prefer: wait=N`, 200 if it became terminal within N seconds."""
-    wait = headers.prefer_wait()
-    if wait and job.status not in TERMINAL_STATUSES:
-        with headers.waiting_room() as admitted:  # past the bound: an immediate 202
-            if admitted:
-                job_id, user_id = job.id, g.user.id
-                broker.wait_until_terminal(job_id, wait)  # closes the session: reload what the answer needs
-                g.user = db.session.get(User, user_id)
-                job = db.session.get(Job, job_id)
-    if job.status in TERMINAL_STATUSES and wait is not None:
-        return job_json(job, 200)
-    response = job_json(job, 202)
-    response.headers["Location"] = "/api/jobs/%s" % job.id
-    return response
+    with job_logging(job.id):  # the answer's statements belong to the job too (in logs and traces)
+        wait = headers.prefer_wait()
+        if wait and job.status not in TERMINAL_STATUSES:
+            with headers.waiting_room() as admitted:  # past the bound: an immediate 202
+                if admitted:
+                    job_id, user_id = job.id, g.user.id
+                    events.wait_until_terminal(job_id, wait, lambda: _status_without_a_connection(job_id))
+                    g.user = db.session.get(User, user_id)  # the session was closed for the wait
+                    job = db.session.get(Job, job_id)
+        if job.status in TERMINAL_STATUSES and wait is not None:
+            return job_json(job, 200)
+        response = job_json(job, 202)
+        response.headers["Location"] = "/api/jobs/%s" % job.id
+        return response
+
+
+def _status_without_a_connection(job_id: uuid.UUID) -> str:
+    status = db.session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
+    db.session.close()  # give the connection back before waiting
+    return status
 
 
 @blueprint.post("/api/photos")
@@ -189,11 +197,16 @@ def _down(check: Callable[[], object]) -> Optional[str]:
 
 @blueprint.get("/readyz")
 def readyz() -> Response:
+    config = settings()
     checks = {
         "database": _down(lambda: db.session.execute(text("SELECT 1"))),
-        "broker": _down(lambda: redis_client().ping()),
+        "broker": _down(broker.queue_depth),  # the broker in use, Redis or RabbitMQ
     }
     db.session.rollback()
+    if config.broker_url != config.redis_url:  # Redis is still needed: `Prefer: wait`, counters
+        checks["redis"] = _down(lambda: redis_client().ping())
+    if config.storage_backend == "s3":
+        checks["storage"] = _down(lambda: storage.storage().check())  # the bucket, with these credentials
     ready = not any(checks.values())
     response = jsonify({"status": "ready" if ready else "not ready",
                         "checks": {name: problem or "ok" for name, problem in checks.items()}})

@@ -6,12 +6,12 @@ from typing import Optional
 from flask import Blueprint, Response, g, jsonify, request
 from sqlalchemy import select
 
-from renderq import stats
+from renderq import broker, stats, workers
 from renderq.db import db
 from renderq.errors import NotFound
 from renderq.jobs import control
 from renderq.models import Job, User
-from renderq.runtime import celery_app, redis_client, settings
+from renderq.runtime import settings
 from webapp.api import job_json, visible_job
 from webapp.auth import admin_required, login_required
 from webapp.paging import MAX_ID, filtered_by_status, page_of_jobs, whole_number
@@ -22,16 +22,14 @@ blueprint = Blueprint("monitoring", __name__)
 
 def _broker_queue_depth() -> Optional[int]:
     try:
-        return int(redis_client().llen("celery"))
+        return broker.queue_depth()
     except Exception:  # the broker is down: say so with null rather than fail the whole view
         return None
 
 
-def _workers_online() -> Optional[int]:
-    try:
-        return len(celery_app().control.ping(timeout=0.5))
-    except Exception:
-        return None
+def _workers_online() -> int:
+    """Attempts workers whose processes announced themselves alive (renderq.workers)."""
+    return len({process.host for process in workers.live()})
 
 
 @blueprint.get("/api/queue/stats")
@@ -67,7 +65,7 @@ def background_stats() -> Response:
 def _internal(job: Job, locale: str) -> dict:
     return {**job_resource(job, locale), "error_code": job.error_code, "error_detail": job.error_detail,
             "lease_expires_at": iso(job.lease_expires_at), "dispatched_at": iso(job.dispatched_at),
-            "worker_host": job.worker_host}
+            "worker_host": job.worker_host, "generation": job.generation}
 
 
 @blueprint.get("/api/admin/api-requests")
@@ -86,5 +84,5 @@ def api_requests() -> Response:
 @admin_required
 def retry_job(job_id: str) -> Response:
     job = visible_job(job_id)
-    control.retry_failed(job)
+    control.retry_failed(job, requested_by=g.user.email, admin_id=g.user.id)
     return job_json(db.session.get(Job, job.id, populate_existing=True))

@@ -1,5 +1,9 @@
-"""`flask --app webapp users ...`: creating users and their tokens, credits, and limits."""
+"""`flask --app webapp users ...`: creating users and their tokens, credits, and limits;
+`flask --app webapp jobs retry ...`: replaying failed jobs."""
 from __future__ import annotations
+
+import getpass
+import time
 
 import click
 from flask import Flask
@@ -8,6 +12,8 @@ from sqlalchemy import select
 
 from renderq import billing, notify
 from renderq.db import db
+from renderq.errors import DomainError
+from renderq.jobs import replay
 from renderq.models import User
 from renderq.runtime import settings
 from renderq.webhook_http import UnsafeUrl, check_url
@@ -97,5 +103,54 @@ def set_limit(email: str, max_inflight: int) -> None:
     click.echo("user %d max_inflight %s" % (user.id, user.max_inflight or "default"))
 
 
+jobs = AppGroup("jobs", help="Operate on jobs in bulk.")
+
+
+@jobs.command("retry")
+@click.option("--error-code", default=None, help="Only jobs that failed with this internal code (GENERATOR_BUSY, "
+              "TIME_LIMIT, WORKER_LOST, TOO_OLD, INVALID_INPUT, ...) or GENERATOR_UNAVAILABLE: every failure "
+              "that was not the user's input.")
+@click.option("--failed-after", default=None, help="Only jobs that failed at or after this ISO 8601 time with a "
+              "UTC offset (2026-11-28T14:00:00Z).")
+@click.option("--failed-before", default=None, help="Only jobs that failed before this time.")
+@click.option("--kind", default=None, help="Only jobs of this kind.")
+@click.option("--user-email", default=None, help="Only this user's jobs.")
+@click.option("--limit", type=int, required=True, help="The most failed jobs examined, oldest failure first "
+              "(at most %d)." % replay.MAX_LIMIT)
+@click.option("--dry-run", is_flag=True, help="Say what would be replayed and skipped; change nothing.")
+def retry_jobs(error_code: str | None, failed_after: str | None, failed_before: str | None, kind: str | None,
+               user_email: str | None, limit: int, dry_run: bool) -> None:
+    """Replay failed jobs: each goes back to pending with fresh counters and a new hold of its
+    price, or is skipped with the reason (a user without the credit, for one)."""
+    user_id = None
+    if user_email is not None:
+        user_id = db.session.execute(select(User.id).where(User.email == user_email)).scalar()
+        if user_id is None:
+            raise click.UsageError("no user with e-mail %s" % user_email)
+    body = {"error_code": error_code, "failed_after": failed_after, "failed_before": failed_before, "kind": kind,
+            "user_id": user_id, "limit": limit, "dry_run": dry_run}
+    started = time.monotonic()
+    try:
+        spec, dry_run = replay.parse_request({name: value for name, value in body.items() if value is not None})
+        report = replay.replay(spec, dry_run=dry_run, requested_by="cli:%s" % getpass.getuser())
+    except DomainError as error:
+        raise click.UsageError(error.message) from None
+    _print_report(report, time.monotonic() - started)
+
+
+def _print_report(report: replay.ReplayReport, seconds: float) -> None:
+    if report.dry_run:
+        click.echo("dry run: would replay %d failed job(s), skip %d; would hold %d credit(s); nothing changed"
+                   % (len(report.replayed), len(report.skipped), report.credits_held))
+    else:
+        click.echo("replay %d: replayed %d failed job(s), skipped %d; held %d credit(s) in %.2f s"
+                   % (report.replay_id, len(report.replayed), len(report.skipped), report.credits_held, seconds))
+    for reason, count in sorted(report.skipped_reasons.items()):
+        click.echo("skipped %d: %s (%s)" % (count, reason, replay.SKIP_REASONS[reason]))
+    for skip in report.skipped:
+        click.echo("  %s user %d %s" % (skip.job_id, skip.user_id, skip.reason))
+
+
 def register(app: Flask) -> None:
     app.cli.add_command(users)
+    app.cli.add_command(jobs)

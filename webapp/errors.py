@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 from renderq import errors as domain
 from renderq.logs import current_request_id
 from renderq.runtime import settings
+from renderq.storage import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,16 @@ def register(app: Flask) -> None:
         log.error("❌ [ERROR_HANDLER] database unavailable in %s %s: %s", request.method, request.path, error)
         response = error_response(503, "SERVICE_UNAVAILABLE", "The service is briefly unavailable; try again in "
                                   "a few seconds.", detail=str(error.orig))
+        response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+        return response
+
+    @app.errorhandler(StorageUnavailable)
+    def _storage_unavailable(error: StorageUnavailable) -> Response:
+        # The bucket (STORAGE_BACKEND=s3) did not answer or refused: as with the database, a
+        # retry is what helps.
+        log.error("❌ [ERROR_HANDLER] storage unavailable in %s %s: %s", request.method, request.path, error)
+        response = error_response(503, "SERVICE_UNAVAILABLE", "The service is briefly unavailable; try again in "
+                                  "a few seconds.", detail=str(error))
         response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
         return response
 

@@ -11,6 +11,7 @@ from webapp.openapi_schemas import (
     JOB_REQUEST,
     ME_PATCH,
     PHOTO_REQUEST,
+    REPLAY_REQUEST,
     SCHEMAS,
 )
 
@@ -103,6 +104,12 @@ def document() -> dict:
         "/api/jobs/{job_id}": {"get": operation("A job", JOB, "401 403 404", parameters=[JOB_ID])},
         "/api/jobs/{job_id}/result": {"get": operation(
             "A job's rendered image", PNG, "401 403 404 409", parameters=[JOB_ID])},
+        "/api/jobs/{job_id}/events": {"get": operation(
+            "The job's status changes as Server-Sent Events: `event: status`, `data` the job, until it is terminal",
+            {"description": "text/event-stream; reconnect with Last-Event-ID to get what was missed",
+             "content": {"text/event-stream": {"schema": {"type": "string"}}}}, "401 403 404 503",
+            parameters=[JOB_ID, {"name": "Last-Event-ID", "in": "header", "required": False,
+                                 "schema": {"type": "string"}, "description": "the id of the last event seen"}])},
         "/api/jobs/{job_id}/cancel": {"post": operation(
             "Cancel a job that has not finished", JOB, "401 403 404 409", parameters=[JOB_ID])},
         "/api/users/{user_id}/jobs": {"get": operation(
@@ -131,7 +138,20 @@ def document() -> dict:
             "Jobs with their internal fields", json_body(page_of(INTERNAL_JOB), "A page of jobs"), "400 401 403 404",
             parameters=[USER_FILTER, STATUS, *PAGING])},
         "/api/admin/jobs/{job_id}/retry": {"post": operation(
-            "Put a failed job back to pending with fresh counters", JOB, "401 403 404 409", parameters=[JOB_ID])},
+            "Replay one failed job: back to pending with fresh counters and a new hold of its price", JOB,
+            "401 402 403 404 409", parameters=[JOB_ID])},
+        "/api/admin/jobs/retry": {"post": operation(
+            "Replay the failed jobs a filter matches (or, with dry_run, say which would be replayed and skipped)",
+            json_body(ref("Replay"), "What was replayed and skipped, and why"), "400 401 403 404 415",
+            body={"required": True, "content": {"application/json": {"schema": REPLAY_REQUEST}}})},
+        "/api/admin/replays": {"get": operation(
+            "The replays of failed jobs, newest first", json_body(page_of(ref("ReplaySummary")), "A page of replays"),
+            "400 401 403", parameters=[query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size (20)"),
+                                       query("cursor", {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                                             "next_cursor of the previous page")])},
+        "/api/admin/replays/{replay_id}": {"get": operation(
+            "One replay, with the jobs it replayed and skipped", json_body(ref("Replay"), "The replay"), "401 403 404",
+            parameters=[path_id("replay_id", {"type": "integer", "minimum": 1})])},
         "/healthz": {"get": operation("Liveness", json_body(ref("Health"), "Alive"), public=True)},
         "/readyz": {"get": operation("Database and broker reachable", json_body(ref("Readiness"), "Ready"), public=True,
                                      extra={"503": json_body(ref("Readiness"), "Not ready: which one is down")})},

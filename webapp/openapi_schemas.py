@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from config.kinds import KINDS, STYLES
 from renderq.enums import Status
+from renderq.jobs.replay import MAX_ID
+from renderq.jobs.replay import MAX_LIMIT as MAX_REPLAY_LIMIT
 
 
 def nullable(schema: dict) -> dict:
@@ -72,12 +74,46 @@ SCHEMAS = {
     }),
     "Health": obj({"status": STRING}),
     "Readiness": obj({"status": {"type": "string", "enum": ["ready", "not ready"]},
-                      "checks": obj({"database": STRING, "broker": STRING})}),
+                      # `redis` when the broker is not REDIS_URL; `storage` with STORAGE_BACKEND=s3
+                      "checks": obj({"database": STRING, "broker": STRING, "redis": STRING, "storage": STRING},
+                                    required=["database", "broker"])}),
 }
 
 INTERNAL_JOB = obj({**SCHEMAS["Job"]["properties"], "error_code": nullable(STRING),
                     "error_detail": nullable(STRING), "lease_expires_at": nullable(TIME),
-                    "dispatched_at": nullable(TIME), "worker_host": nullable(STRING)})
+                    "dispatched_at": nullable(TIME), "worker_host": nullable(STRING),
+                    "generation": {"type": "integer", "minimum": 0}})
+
+_REPLAY_FILTER = {
+    "status": {"type": "string", "enum": ["failed"], "description": "only failed jobs can be replayed"},
+    "error_code": {"type": "string", "pattern": "^[A-Z][A-Z0-9_]{0,63}$",
+                   "description": "an internal error code (GENERATOR_BUSY, TIME_LIMIT, WORKER_LOST, TOO_OLD, "
+                                  "INVALID_INPUT, ...) or GENERATOR_UNAVAILABLE: every failure but the user's input"},
+    "kind": {"type": "string", "enum": sorted(KINDS)},
+    "user_id": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+    "failed_after": {**TIME, "description": "failed at or after (ISO 8601 with a UTC offset)"},
+    "failed_before": {**TIME, "description": "failed before (ISO 8601 with a UTC offset)"},
+    "limit": {"type": "integer", "minimum": 1, "maximum": MAX_REPLAY_LIMIT,
+              "description": "the most failed jobs examined, oldest failure first"},
+}
+
+REPLAY_REQUEST = obj({**_REPLAY_FILTER, "dry_run": {"type": "boolean", "description": "say what would happen, change nothing"}},
+                     required=["limit"])
+
+_SKIPPED_JOB = obj({"job_id": UUID, "user_id": INTEGER,
+                    "reason": {"type": "string", "enum": ["INSUFFICIENT_CREDITS", "PHOTO_GONE", "HOLD_NOT_RELEASED"]},
+                    "message": STRING})
+
+_REPLAY_SUMMARY = {
+    "id": nullable(INTEGER), "dry_run": {"type": "boolean"}, "requested_by": STRING, "created_at": nullable(TIME),
+    "filter": obj({**_REPLAY_FILTER, "job_id": UUID}, required=["status", "limit"]),
+    "replayed": {"type": "integer", "minimum": 0}, "skipped": {"type": "integer", "minimum": 0},
+    "skipped_reasons": COUNTS, "credits_held": {"type": "integer", "minimum": 0},
+    "duration_ms": {"type": "integer", "minimum": 0},
+}
+SCHEMAS["ReplaySummary"] = obj(_REPLAY_SUMMARY)
+SCHEMAS["Replay"] = obj({**_REPLAY_SUMMARY, "replayed_jobs": {"type": "array", "items": UUID},
+                         "skipped_jobs": {"type": "array", "items": _SKIPPED_JOB}})
 
 JOB_REQUEST = obj({
     "kind": {"type": "string", "enum": sorted(KINDS)},

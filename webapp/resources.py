@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Optional
 
 from renderq.enums import Outcome, Status
@@ -20,7 +21,9 @@ def locale_of(user: User, default_locale: str) -> str:
     return user.locale or default_locale
 
 
-def job_resource(job: Job, locale: str) -> dict:
+def job_resource(job: Job, locale: str, position: Optional[int] = None, read_position: bool = True) -> dict:
+    """The job as clients see it. `read_position=False` leaves `queue_position` as given
+    (a status event is rendered without asking the database)."""
     return {
         "id": str(job.id),
         "photo_id": str(job.photo_id) if job.photo_id else None,
@@ -36,9 +39,18 @@ def job_resource(job: Job, locale: str) -> dict:
         "message": block_message(job.block_reason, locale) if job.outcome == Outcome.BLOCKED else None,
         "result_url": job.result_url,
         "price": job.price,
-        "queue_position": queue_position(job),
+        "queue_position": queue_position(job) if read_position else position,
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "completed_at": iso(job.completed_at),
         "updated_at": iso(job.updated_at),
     }
+
+
+def job_resource_at(job: Job, state: dict, locale: str) -> dict:
+    """The job as a status event saw it: its fixed fields from `job`, the changing ones from
+    `state` (renderq.events)."""
+    moment = SimpleNamespace(**{column: getattr(job, column) for column in ("id", "photo_id", "user_id", "kind",
+                                                                              "price", "created_at")}, **state)
+    moment.result_url = Job.result_url.fget(moment)
+    return job_resource(moment, locale, read_position=False)

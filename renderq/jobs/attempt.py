@@ -40,7 +40,8 @@ def run_attempt(job_id: uuid.UUID, ticket: uuid.UUID, worker_host: str) -> None:
     RetryLater when the fast ladder goes on."""
     config = settings()
     with job_logging(job_id):
-        claim = lifecycle.claim(job_id, ticket, config.job_lease_seconds, worker_host)
+        claim = lifecycle.claim(job_id, ticket, config.job_lease_seconds, worker_host,
+                                with_photo=storage.storage().transactional)
         if claim is None:
             log.info("📋 [QUEUE] job %s: this message is stale (the job moved on); it steps aside", job_id)
             return
@@ -72,7 +73,8 @@ def _attempt(claim: Claim, config: Settings) -> None:
 def _call_generator(claim: Claim, config: Settings) -> bytes:
     image = None
     if get_kind(claim.kind).needs_photo and claim.photo_key is not None:
-        image = (os.path.basename(claim.photo_key), storage.storage().get(claim.photo_key))
+        data = claim.photo if claim.photo is not None else storage.storage().get(claim.photo_key)
+        image = (os.path.basename(claim.photo_key), data)
     db.session.rollback()  # no transaction stays open across the slow call
     return client.render(config.generator_url, str(claim.job_id), claim.kind, claim.params, claim.safety_agreed, image)
 

@@ -1,11 +1,13 @@
 """What people do to an existing job: its owner cancels it, an admin puts a failed one back."""
 from __future__ import annotations
 
-from renderq import billing, broker
+from typing import Optional
+
+from renderq import broker
 from renderq.db import db
 from renderq.enums import TERMINAL_STATUSES
 from renderq.errors import Conflict
-from renderq.jobs import lifecycle, scheduler, submit
+from renderq.jobs import lifecycle, replay
 from renderq.models import Job
 from renderq.runtime import celery_app, settings
 
@@ -22,12 +24,9 @@ def cancel(job: Job) -> None:
     broker.announce(finished)
 
 
-def retry_failed(job: Job) -> None:
+def retry_failed(job: Job, requested_by: str, admin_id: Optional[int] = None) -> None:
     """An admin's retry: a failed job back to pending with fresh counters, at the back of its
-    user's queue (Conflict unless it failed). Not charged again: see lifecycle.requeue_failed."""
-    user = billing.lock_user(job.user_id)
-    if not lifecycle.requeue_failed(job.id, scheduler.next_tag(user)):
-        db.session.rollback()
-        raise Conflict("JOB_NOT_FAILED", "Only failed jobs can be retried; this one is %s." % job.status)
-    db.session.commit()
-    submit.dispatch_soon()
+    user's queue, as a replay of one job (renderq.jobs.replay): recorded, and charged like any
+    replay, with a new hold of its price (InsufficientCredits without it; Conflict unless it
+    failed)."""
+    replay.replay_one(job.id, requested_by=requested_by, admin_id=admin_id)

@@ -15,14 +15,27 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional
 
-from sqlalchemy import and_, func, or_, select, true, update
+from sqlalchemy import (
+    BigInteger,
+    Uuid,
+    and_,
+    bindparam,
+    column,
+    func,
+    null,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from config import Settings
-from renderq import billing, notify
+from renderq import billing, events, notify
 from renderq.db import db
 from renderq.enums import ACTIVE_STATUSES, AttemptOutcome, EntryKind, Outcome, Status
 from renderq.jobs import policy
-from renderq.models import Job, JobAttempt, Photo, User
+from renderq.models import Blob, Job, JobAttempt, Photo, User
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,7 @@ class Claim:
     started_at: datetime  # when this attempt started, by the database's clock
     safety_agreed: bool = False
     photo_key: Optional[str] = None
+    photo: Optional[bytes] = None  # the photo's bytes, when the database holds them
 
     def holds(self) -> Any:
         """SQL: the job is still this attempt's (not recovered, canceled or finished meanwhile)."""
@@ -80,7 +94,7 @@ class AttemptRecord:
 
 @dataclass(frozen=True)
 class Finished:
-    """A job reached a terminal status; `notification_id` is set when the user is to be told."""
+    """A job reached a terminal status; `notification_id` is set when a webhook is to be sent."""
     job_id: uuid.UUID
     status: Status
     notification_id: Optional[int] = None
@@ -93,20 +107,26 @@ CLAIM_COLUMNS = (Job.kind, Job.user_id, Job.photo_id, Job.params, Job.attempts, 
 def claim_from(row: Any, token: uuid.UUID) -> Claim:
     return Claim(row.id, token, row.kind, row.user_id, row.photo_id, row.params or {}, row.attempts,
                  row.retry_count, row.created_at, row.attempt_started_at or datetime.now(timezone.utc),
-                 getattr(row, "safety_agreed", False), getattr(row, "photo_key", None))
+                 getattr(row, "safety_agreed", False), getattr(row, "photo_key", None), getattr(row, "photo", None))
+
+
+def _with_snapshot(*columns: Any) -> tuple:
+    """RETURNING columns: the ones asked for, and the new state that status events carry."""
+    return tuple(dict.fromkeys((*events.SNAPSHOT, *columns)))
 
 
 def guarded_update(job_id: uuid.UUID, guard: Any, values: dict, returning: tuple = (),
                    attempt: Optional[tuple[Claim, AttemptRecord]] = None) -> Any:
-    """One guarded UPDATE (and the attempt's record, if any), committed; the row it returned,
-    or None if the guard did not match."""
+    """One guarded UPDATE (and the attempt's record, if any), committed and announced as a
+    status event; the row it returned, or None if the guard did not match."""
     row = db.session.execute(
         update(Job).where(Job.id == job_id, guard).values(updated_at=func.now(), **values)
-        .returning(Job.id, *returning)
+        .returning(*_with_snapshot(*returning))
     ).first()
     if row is not None and attempt is not None:
         _record(*attempt)
     db.session.commit()
+    events.record([row])
     return row
 
 
@@ -125,10 +145,10 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
     (the result, where storage joins the transaction)."""
     status = TRANSITIONS[transition].target
     won = db.session.execute(
-        update(Job).where(Job.id == job_id, _leaves(transition), guard)
+        update(Job).where(Job.id == job_id, _leaves(transition), guard, User.id == Job.user_id)
         .values(status=status, updated_at=func.now(), completed_at=func.now(), lease_token=None,
                 lease_expires_at=None, dispatch_token=None, **values)
-        .returning(Job.id)
+        .returning(*_with_snapshot(*notify.JOB_COLUMNS), *notify.USER_COLUMNS)
     ).first()
     if won is None:
         db.session.rollback()
@@ -139,16 +159,22 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
         on_win()
     billing.settle(job_id, EntryKind.CAPTURE if values.get("outcome") == Outcome.SUCCEEDED else EntryKind.RELEASE)
     event = notify.event_for(status, values.get("outcome"), settings)
-    notification_id = notify.record(job_id, event, settings) if event else None
+    notification_id = notify.record(won, event, settings) if event else None
     db.session.commit()
+    events.record([won])
     return Finished(job_id, status, notification_id)
 
 
-def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_host: str) -> Optional[Claim]:
+def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_host: str,
+          with_photo: bool = False) -> Optional[Claim]:
     """Start the attempt the message carrying `ticket` was sent for: a pending or due retrying
     job (the `claim` move), or a background try the background processor has claimed. None if
-    the ticket is not the job's any more (a stale or duplicated message steps aside)."""
+    the ticket is not the job's any more (a stale or duplicated message steps aside).
+    `with_photo`: the photo's bytes come back in the same statement (they are in `blobs`)."""
     token = uuid.uuid4()
+    photo_key = select(Photo.path).where(Photo.id == Job.photo_id).scalar_subquery()
+    photo = (select(Blob.data).join(Photo, Photo.path == Blob.key).where(Photo.id == Job.photo_id)
+             .scalar_subquery() if with_photo else null()).label("photo")
     background_try = and_(Job.status == Status.PROCESSING, Job.lease_token.is_(None))
     row = db.session.execute(
         update(Job).where(Job.id == job_id, Job.dispatch_token == ticket, or_(_leaves("claim"), background_try))
@@ -156,29 +182,30 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
                 lease_expires_at=func.now() + timedelta(seconds=lease_seconds), attempt_started_at=func.now(),
                 started_at=func.coalesce(Job.started_at, func.now()), next_retry_at=None, dispatch_token=None,
                 worker_host=worker_host, updated_at=func.now())
-        .returning(Job.id, *CLAIM_COLUMNS,
+        .returning(*_with_snapshot(*CLAIM_COLUMNS),
                    select(User.safety_agreed_at.is_not(None)).where(User.id == Job.user_id)
                    .scalar_subquery().label("safety_agreed"),
-                   select(Photo.path).where(Photo.id == Job.photo_id).scalar_subquery().label("photo_key"))
+                   photo_key.label("photo_key"), photo)
     ).first()
     db.session.commit()
+    events.record([row])
     return claim_from(row, token) if row else None
 
 
-def claim_background_batch(limit: int, settings: Settings) -> list[tuple[uuid.UUID, uuid.UUID, str]]:
+def claim_background_batch(limit: int, settings: Settings) -> list[Any]:
     """The background processor's pick, in the caller's transaction: up to `limit` jobs waiting
     for a background try, retry_count + 1 in one statement, each with the token its message will
-    carry. Returns (job id, token, kind) triples."""
+    carry. Returns rows of (id, dispatch_token, kind, and the status event's columns)."""
     # Materialized, so the LIMIT and the row locks apply once: a plain `id IN (SELECT ... LIMIT n
     # FOR UPDATE SKIP LOCKED)` may be evaluated again per row and claim more than n.
     picked = (select(Job.id).where(_leaves("claim_background"), ~policy.background_exhausted(settings))
               .order_by(Job.updated_at).limit(limit).with_for_update(skip_locked=True)
               .cte("picked").prefix_with("MATERIALIZED"))
-    return [tuple(row) for row in db.session.execute(
+    return list(db.session.execute(
         update(Job).where(Job.id == picked.c.id, _leaves("claim_background"))
         .values(status=TRANSITIONS["claim_background"].target, retry_count=Job.retry_count + 1,
                 dispatch_token=func.gen_random_uuid(), dispatched_at=func.now(), updated_at=func.now())
-        .returning(Job.id, Job.dispatch_token, Job.kind))]
+        .returning(*_with_snapshot(Job.dispatch_token, Job.kind, Job.trace_parent))))
 
 
 def succeed(claim: Claim, result_key: str, attempt: AttemptRecord, settings: Settings,
@@ -202,18 +229,30 @@ def cancel(job_id: uuid.UUID, settings: Settings) -> Optional[Finished]:
     return _finish(job_id, "cancel", true(), {}, settings)
 
 
-def requeue_failed(job_id: uuid.UUID, fair_tag: int) -> bool:
-    """An admin's retry: a failed job goes back to pending with fresh counters, queued at
-    `fair_tag`. Its hold was released when it failed and is not taken again, so the retry is
-    free for the user. Runs in the caller's transaction."""
-    won = db.session.execute(
-        update(Job).where(Job.id == job_id, _leaves("requeue"))
+def requeue_failed(job_id: uuid.UUID, fair_tag: int) -> Any:
+    """One failed job back to pending (see requeue_failed_batch): its row, or None if it had
+    not failed."""
+    rows = requeue_failed_batch({job_id: fair_tag})
+    return rows[0] if rows else None
+
+
+def requeue_failed_batch(fair_tags: dict[uuid.UUID, int]) -> list[Any]:
+    """An admin's replay: failed jobs back to pending with fresh counters, each queued at its
+    fair tag, and on to their next generation (whose hold renderq.billing takes). One guarded
+    UPDATE for them all, in the caller's transaction; the rows of the jobs that were still
+    failed: their status event's columns, user_id, generation and price."""
+    if not fair_tags:
+        return []
+    queued = func.unnest(bindparam("job_ids", list(fair_tags), type_=ARRAY(Uuid)),
+                         bindparam("fair_tags", list(fair_tags.values()), type_=ARRAY(BigInteger))
+                         ).table_valued(column("job_id", Uuid), column("fair_tag", BigInteger)).render_derived("queued")
+    return db.session.execute(
+        update(Job).where(Job.id == queued.c.job_id, _leaves("requeue"))
         .values(status=TRANSITIONS["requeue"].target, attempts=0, retry_count=0, next_retry_at=None,
                 error_code=None, error_detail=None, completed_at=None, started_at=None, dispatch_token=None,
-                dispatched_at=None, fair_tag=fair_tag, updated_at=func.now())
-        .returning(Job.id)
-    ).first()
-    return won is not None
+                dispatched_at=None, fair_tag=queued.c.fair_tag, generation=Job.generation + 1, updated_at=func.now())
+        .returning(*_with_snapshot(Job.user_id, Job.generation, Job.price))
+    ).all()
 
 
 def record_transient_failure(claim: Claim, error_code: str, detail: str, attempt: AttemptRecord,

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 from sqlalchemy import delete, func, select
 
-from renderq import broker, notify, storage
+from renderq import broker, counters, notify, storage
 from renderq.db import db
 from renderq.enums import TERMINAL_STATUSES, AttemptOutcome
 from renderq.jobs import idempotency, lease, lifecycle, scheduler
@@ -19,23 +20,40 @@ from renderq.runtime import redis_client, settings
 log = logging.getLogger(__name__)
 
 PURGE_BATCH = 500
+LAST_RUN_KEY = "renderq:maintenance:last-run:%s"
+MAINTENANCE_TASKS = ("background", "reconcile", "cleanup")
+
+
+def _ran(task: str) -> None:
+    """For the alert that a maintenance task stopped running (renderq_maintenance_last_run...)."""
+    try:
+        redis_client().set(LAST_RUN_KEY % task, time.time())
+    except Exception:
+        log.warning("could not note that %s ran", task, exc_info=True)
 
 
 def process_background() -> int:
     """The background tier: fail what is too old or out of tries, then send up to the free
     background slots their next try; returns how many were sent."""
     config = settings()
-    redis_client().incr(broker.BACKGROUND_RUNS_KEY)
+    _ran("background")
+    broker.count_background_run()
+    expired = 0
     for finished in lifecycle.expire_background(config):
         with job_logging(finished.job_id):
             log.info("🔁 [BACKGROUND] job %s failed: past the age limit or out of tries", finished.job_id)
             broker.announce(finished)
-    return scheduler.dispatch_background()
+        expired += 1
+    sent = scheduler.dispatch_background()
+    _summary("🔁 [BACKGROUND] sweep", ("failed", expired), ("sent", sent))
+    return sent
 
 
 def reconcile() -> None:
     """Recover attempts whose worker died, send again what the broker lost, and fill free slots."""
     config = settings()
+    _ran("reconcile")
+    recovered = 0
     for claim in lease.expired_claims():
         with job_logging(claim.job_id):
             lost = AttemptRecord(AttemptOutcome.LOST, "WORKER_LOST", 0)
@@ -43,13 +61,26 @@ def reconcile() -> None:
                                     config, guard=lease.still_expired(claim))
             if step is not None and step.retry_in is not None:
                 broker.publish_timer(claim.job_id, claim.kind, step.retry_in)
+            recovered += step is not None
     # A message that has started nothing this long after it was sent is lost: in a healthy
     # system an attempt message only goes out for a free slot and starts within moments.
-    scheduler.recover_lost_dispatches(timedelta(seconds=config.queue_check_interval + 2))
-    scheduler.dispatch()
+    resent = scheduler.recover_lost_dispatches(timedelta(seconds=config.queue_check_interval + 2))
+    dispatched = scheduler.dispatch()
+    counters.fold()
     # A delivery in flight has pushed next_delivery_at past itself, so a short grace is enough.
+    webhooks = 0
     for notification_id in notify.overdue_deliveries(timedelta(seconds=2 * config.queue_check_interval)):
         broker.publish_delivery(notification_id)
+        webhooks += 1
+    _summary("📋 [QUEUE] reconcile", ("recovered", recovered), ("re-sent", resent), ("dispatched", dispatched),
+             ("webhooks re-sent", webhooks))
+
+
+def _summary(run: str, *counts: tuple[str, int]) -> None:
+    """One line for a run that did something ("reconcile: recovered 2, dispatched 5"); the idle
+    runs, every few seconds, only at DEBUG."""
+    done = ", ".join("%s %d" % (what, count) for what, count in counts if count)
+    log.log(logging.INFO if done else logging.DEBUG, "%s: %s", run, done or "nothing to do")
 
 
 def purge_expired(ttl_seconds: int) -> int:
@@ -80,6 +111,7 @@ def purge_expired(ttl_seconds: int) -> int:
 
 
 def cleanup() -> int:
+    _ran("cleanup")
     purged = purge_expired(settings().completed_job_ttl)
     if purged:
         log.info("📋 [QUEUE] purged %d finished job(s) older than COMPLETED_JOB_TTL", purged)

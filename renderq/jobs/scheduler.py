@@ -30,7 +30,7 @@ from sqlalchemy import Select, and_, func, or_, select, text, tuple_, update
 
 from config import Settings
 from config.kinds import longest_hard_time_limit
-from renderq import broker
+from renderq import broker, events
 from renderq.db import db
 from renderq.enums import AttemptOutcome, Status
 from renderq.jobs import lifecycle
@@ -53,9 +53,19 @@ def weight(max_inflight: Optional[int]) -> int:
 
 def next_tag(user: User) -> int:
     """The fair tag of a job `user` (locked by the caller) submits now; moves the user's tag on."""
+    return next_tags(user, 1)[0]
+
+
+def next_tags(user: User, count: int) -> list[int]:
+    """The fair tags of `count` jobs `user` (locked by the caller) queues now, one after the
+    other (an admin's replay queues many at once); moves the user's tag on past the last."""
     clock = db.session.execute(select(SchedulerClock.fair_tag).where(SchedulerClock.id == 1)).scalar() or 0
-    user.fair_tag = max(user.fair_tag, clock) + TAG_STEP // weight(user.max_inflight)
-    return user.fair_tag
+    step = TAG_STEP // weight(user.max_inflight)
+    start = max(user.fair_tag, clock)
+    tags = [start + step * (number + 1) for number in range(count)]
+    if tags:
+        user.fair_tag = tags[-1]
+    return tags
 
 
 def user_cap(max_inflight: Optional[int], generator_cap: int) -> Optional[int]:
@@ -75,6 +85,11 @@ def _slots_and_cap(config: Settings) -> tuple[int, int]:
         .where(WorkerHost.expires_at > func.now())).one()
     caps = [cap for cap in (worker_cap, config.generator_max_inflight) if cap]
     return slots, min(caps) if caps else 0
+
+
+def generator_cap() -> int:
+    """The GENERATOR_MAX_INFLIGHT in force (0: none)."""
+    return _slots_and_cap(settings())[1]
 
 
 def capacity(slots: int, generator_cap: int) -> int:
@@ -152,7 +167,7 @@ def dispatch() -> int:
     sent = db.session.execute(
         update(Job).where(Job.id.in_([row.id for row in rows]), or_(WAITING, DUE_RETRY))
         .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
-        .returning(Job.id, Job.dispatch_token, Job.kind)).all()
+        .returning(Job.id, Job.dispatch_token, Job.kind, Job.trace_parent)).all()
     db.session.execute(update(SchedulerClock).where(SchedulerClock.id == 1).values(
         fair_tag=func.greatest(SchedulerClock.fair_tag, max(row.fair_tag for row in rows))))
     db.session.commit()
@@ -171,12 +186,13 @@ def dispatch_background() -> int:
     if room <= 0:
         db.session.rollback()
         return 0
-    sent = lifecycle.claim_background_batch(room, config)
+    claimed = lifecycle.claim_background_batch(room, config)
     db.session.commit()
-    for job_id, _, _ in sent:
-        log.info("🔁 [BACKGROUND] job %s claimed for a background try", job_id, extra={"job_id": str(job_id)})
-    _publish(sent)
-    return len(sent)
+    events.record(claimed)
+    for row in claimed:
+        log.info("🔁 [BACKGROUND] job %s claimed for a background try", row.id, extra={"job_id": str(row.id)})
+    _publish([(row.id, row.dispatch_token, row.kind, row.trace_parent) for row in claimed])
+    return len(claimed)
 
 
 def retry_due(job_id: uuid.UUID) -> None:
@@ -202,7 +218,7 @@ def recover_lost_dispatches(grace: timedelta) -> int:
     resent = db.session.execute(
         update(Job).where(stale, Job.status == Status.PROCESSING, Job.lease_token.is_(None))
         .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
-        .returning(Job.id, Job.dispatch_token, Job.kind)).all()
+        .returning(Job.id, Job.dispatch_token, Job.kind, Job.trace_parent)).all()
     db.session.commit()
     for job_id in requeued:
         log.info("📋 [QUEUE] job %s: its attempt message was lost; queued again", job_id,
@@ -212,10 +228,11 @@ def recover_lost_dispatches(grace: timedelta) -> int:
 
 
 def _publish(sent: list[Any]) -> None:
-    """After the commit. A message that cannot be sent is left to recover_lost_dispatches."""
-    for job_id, token, kind in sent:
+    """After the commit, each in its job's trace. A message that cannot be sent is left to
+    recover_lost_dispatches."""
+    for job_id, token, kind, trace_parent in sent:
         try:
-            broker.publish_attempt(job_id, token, kind)
+            broker.publish_attempt(job_id, token, kind, trace_parent)
         except Exception:
             log.warning("📋 [QUEUE] job %s: the broker refused its attempt message; it will be sent again",
                         job_id, exc_info=True, extra={"job_id": str(job_id)})

@@ -9,7 +9,7 @@ import uuid
 from typing import Optional
 
 from config.kinds import KINDS, STYLES, JobKind, get_kind
-from renderq import billing, storage
+from renderq import billing, storage, tracing
 from renderq.db import db
 from renderq.errors import InvalidInput
 from renderq.images import CheckedImage
@@ -77,22 +77,24 @@ def submit(user_id: int, kind: JobKind, params: dict, *,
         replayed = idempotency.replayed_job(user.id, idempotency_key, digest)
         if replayed is not None:
             db.session.commit()
+            tracing.mark_job(replayed)
             return db.session.get(Job, replayed)
     job_id = uuid.uuid4()
-    billing.hold(user, job_id, kind.price)
-    if image is not None:
-        photo = _store_photo(user, image)
-    job = Job(id=job_id, user_id=user.id, photo_id=photo.id if photo else None,
-              kind=kind.name, params=params, price=kind.price, fair_tag=scheduler.next_tag(user))
-    db.session.add(job)
-    if idempotency_key:
-        db.session.flush()
-        idempotency.remember(user.id, idempotency_key, digest, job_id)
-    db.session.commit()
-    with job_logging(job.id):
+    with job_logging(job_id):  # the statements that make the job carry its id in traces too
+        billing.hold(user, job_id, kind.price)
+        if image is not None:
+            photo = _store_photo(user, image)
+        job = Job(id=job_id, user_id=user.id, photo_id=photo.id if photo else None, kind=kind.name, params=params,
+                  price=kind.price, fair_tag=scheduler.next_tag(user), trace_parent=tracing.current_traceparent())
+        db.session.add(job)
+        if idempotency_key:
+            db.session.flush()
+            idempotency.remember(user.id, idempotency_key, digest, job_id)
+        db.session.commit()
+        tracing.mark_job(job_id)
         log.info("📋 [QUEUE] job %s accepted (%s) for user %s", job.id, kind.name, user.id)
         dispatch_soon()
-    db.session.refresh(job)
+        db.session.refresh(job)
     return job
 
 

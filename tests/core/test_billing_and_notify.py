@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import uuid
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import func, select
@@ -81,14 +82,30 @@ def test_who_is_told_what(status, outcome, notify_on_failure, event):
     assert notify.event_for(status, outcome, settings) == event
 
 
+def as_finished(job, user) -> SimpleNamespace:
+    """The row the UPDATE that finishes a job returns (notify.JOB_COLUMNS and USER_COLUMNS)."""
+    return SimpleNamespace(**{column.key: getattr(job, column.key) for column in notify.JOB_COLUMNS},
+                           **{column.key: getattr(user, column.key) for column in notify.USER_COLUMNS})
+
+
 def test_one_notification_per_job_and_event_however_often_it_is_recorded(ctx, core_app):
     user = new_user()
+    user.webhook_url = "https://93.184.216.34/hooks"
     job = new_job(user, Status.COMPLETED, outcome=Outcome.BLOCKED, block_reason="COPYRIGHT_VIOLATION")
     settings = core_app.extensions["renderq.settings"]
-    first = notify.record(job.id, Event.BLOCKED, settings)
-    second = notify.record(job.id, Event.BLOCKED, settings)
+    first = notify.record(as_finished(job, user), Event.BLOCKED, settings)
+    second = notify.record(as_finished(job, user), Event.BLOCKED, settings)
     db.session.commit()
-    assert first is not None and second is None
+    assert first is not None and second is None  # the first is to be delivered; the second is no new row
     rows = db.session.execute(select(Notification).where(Notification.job_id == job.id)).scalars().all()
     assert len(rows) == 1 and rows[0].payload["block_reason"] == "COPYRIGHT_VIOLATION"
     assert rows[0].payload["message"].startswith("🚫 This image cannot be processed")
+
+
+def test_a_user_without_a_webhook_gets_the_row_and_no_delivery(ctx, core_app):
+    user = new_user()
+    job = new_job(user, Status.COMPLETED, outcome=Outcome.SUCCEEDED)
+    assert notify.record(as_finished(job, user), Event.SUCCEEDED, core_app.extensions["renderq.settings"]) is None
+    db.session.commit()
+    row = db.session.execute(select(Notification).where(Notification.job_id == job.id)).scalar_one()
+    assert row.next_delivery_at is None and row.payload["result_url"] == "/api/jobs/%s/result" % job.id

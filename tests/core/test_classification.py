@@ -7,7 +7,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from renderq.enums import AttemptOutcome
 from renderq.generator.errors import (
-    SAFETY_BLOCK_CODES, PermanentFailure, SafetyBlock, TransientFailure, classify_exception, classify_response,
+    SAFETY_BLOCK_CODES,
+    PermanentFailure,
+    SafetyBlock,
+    TransientFailure,
+    classify_exception,
+    classify_response,
 )
 
 

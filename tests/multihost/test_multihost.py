@@ -19,7 +19,15 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.multihost.cluster import JOB_LEASE_SECONDS, TERMINAL, WEB_HOSTS, WORKER_HOSTS, Cluster, User, WorkerSetup
+from tests.multihost.cluster import (
+    JOB_LEASE_SECONDS,
+    TERMINAL,
+    WEB_HOSTS,
+    WORKER_HOSTS,
+    Cluster,
+    User,
+    WorkerSetup,
+)
 from tests.support import wait_for
 
 PRICE = {"photo.render": 1, "image.generate": 2}  # config/kinds.py

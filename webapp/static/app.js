@@ -18,9 +18,24 @@ async function api(path, options = {}) {
   return response;
 }
 
+const NO_ENTRY = "\u{1F6AB}";
+
 function show(element, text) {
-  element.textContent = text || "";
+  // The block messages start with 🚫: drawn from CSS where no emoji font is installed, while
+  // the text itself stays exactly what the API said.
+  if (text && text.startsWith(NO_ENTRY)) {
+    const sign = document.createElement("span");
+    sign.className = "no-entry";
+    sign.textContent = NO_ENTRY;
+    element.replaceChildren(sign, text.slice(NO_ENTRY.length));
+  } else {
+    element.textContent = text || "";
+  }
   element.hidden = !text;
+}
+
+function statusText(job) {
+  return job.outcome ? `${job.status} (${job.outcome})` : job.status;
 }
 
 function time(iso) {
@@ -45,7 +60,7 @@ async function refreshLists() {
     const jobs = await api(`/api/users/${me.id}/jobs?limit=10`);
     $("jobs").replaceChildren(...jobs.items.map((job) => {
       const row = document.createElement("tr");
-      for (const value of [time(job.created_at), job.kind, job.status, job.attempts]) {
+      for (const value of [time(job.created_at), job.kind, statusText(job), job.attempts]) {
         const cell = document.createElement("td");
         cell.textContent = value;
         row.append(cell);
@@ -55,7 +70,19 @@ async function refreshLists() {
     const inbox = await api("/api/me/notifications?limit=10");
     $("notifications").replaceChildren(...inbox.items.map((item) => {
       const line = document.createElement("li");
-      line.textContent = `${time(item.created_at)} · ${item.event}: ${item.payload.message || item.payload.result_url || ""}`;
+      const message = document.createElement("span");
+      show(message, item.payload.message || "");
+      line.append(`${time(item.created_at)} · ${item.event}: `, message);
+      if (item.payload.result_url) {
+        const link = document.createElement("a");
+        link.href = item.payload.result_url;
+        link.textContent = "result";
+        link.addEventListener("click", (event) => {
+          event.preventDefault();  // the image needs the token, so it is fetched rather than followed
+          showResult({ id: item.job_id, result_url: item.payload.result_url });
+        });
+        line.append(" ", link);
+      }
       return line;
     }));
   } catch (error) {
@@ -67,7 +94,7 @@ function render(job) {
   $("job-card").hidden = false;
   $("job-id").textContent = job.id;
   const status = $("job-status");
-  status.textContent = job.outcome ? `${job.status} (${job.outcome})` : job.status;
+  status.textContent = statusText(job);
   status.className = "status " + job.status + (job.outcome === "blocked" ? " blocked" : "");
   $("job-attempts").textContent = job.retry_count ? `${job.attempts} (background tries: ${job.retry_count})` : job.attempts;
   $("job-next-retry").textContent = job.next_retry_at ? time(job.next_retry_at) : "—";
@@ -81,18 +108,61 @@ async function showResult(job) {
   $("job-result").hidden = false;
 }
 
-async function watch(jobId) {
-  watched = jobId;
+async function finish(job) {
+  if (job.result_url) await showResult(job);
+  signIn();
+}
+
+// Server-Sent Events from /api/jobs/{id}/events, read with fetch so that the token travels in
+// a header; true when the job finished, false when the stream is not available or ended early.
+async function followEvents(jobId) {
+  const response = await fetch(`/api/jobs/${jobId}/events`,
+    { headers: { Authorization: "Bearer " + token, Accept: "text/event-stream" } });
+  if (!response.ok || !(response.headers.get("content-type") || "").startsWith("text/event-stream")) return false;
+  $("job-card").dataset.live = "events";
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  while (watched === jobId) {
+    const { value, done } = await reader.read();
+    if (done) return false;
+    buffer += value.replace(/\r\n?/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const data = buffer.slice(0, end).split("\n").filter((line) => line.startsWith("data:"))
+        .map((line) => line.slice(5).trimStart()).join("\n");
+      buffer = buffer.slice(end + 2);
+      if (!data) continue;
+      const job = JSON.parse(data);
+      render(job);
+      if (TERMINAL.has(job.status)) {
+        reader.cancel();
+        await finish(job);
+        return true;
+      }
+    }
+  }
+  reader.cancel();
+  return true;
+}
+
+async function poll(jobId) {
+  $("job-card").dataset.live = "polling";
   while (watched === jobId) {
     const job = await api(`/api/jobs/${jobId}`);
     render(job);
-    if (TERMINAL.has(job.status)) {
-      if (job.result_url) await showResult(job);
-      signIn();
-      return;
-    }
-    await new Promise((resolve) => setTimeout(resolve, 700));
+    if (TERMINAL.has(job.status)) return finish(job);
+    await new Promise((resolve) => setTimeout(resolve, 1000));
   }
+}
+
+async function watch(jobId) {
+  watched = jobId;
+  try {
+    if (await followEvents(jobId)) return;
+  } catch (error) {
+    console.warn("no event stream; polling", error);
+  }
+  if (watched === jobId) await poll(jobId);
 }
 
 $("token-form").addEventListener("submit", (event) => {
