@@ -122,7 +122,7 @@ def guarded_update(job_id: uuid.UUID, guard: Any, values: dict, returning: tuple
     row = db.session.execute(
         update(Job).where(Job.id == job_id, guard).values(updated_at=func.now(), **values)
         .returning(*_with_snapshot(*returning))
-    ).first()
+        .execution_options(synchronize_session=False)).first()
     if row is not None and attempt is not None:
         _record(*attempt)
     db.session.commit()
@@ -149,6 +149,9 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
         .values(status=status, updated_at=func.now(), completed_at=func.now(), lease_token=None,
                 lease_expires_at=None, dispatch_token=None, **values)
         .returning(*_with_snapshot(*notify.JOB_COLUMNS), *notify.USER_COLUMNS)
+        # A plain UPDATE ... FROM users: the ORM's session synchronisation, which renderq has no
+        # use for (it loads no Job objects here), would map the joined RETURNING wrongly.
+        .execution_options(synchronize_session=False)
     ).first()
     if won is None:
         db.session.rollback()
@@ -186,7 +189,7 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
                    select(User.safety_agreed_at.is_not(None)).where(User.id == Job.user_id)
                    .scalar_subquery().label("safety_agreed"),
                    photo_key.label("photo_key"), photo)
-    ).first()
+        .execution_options(synchronize_session=False)).first()
     db.session.commit()
     events.record([row])
     return claim_from(row, token) if row else None
@@ -205,7 +208,8 @@ def claim_background_batch(limit: int, settings: Settings) -> list[Any]:
         update(Job).where(Job.id == picked.c.id, _leaves("claim_background"))
         .values(status=TRANSITIONS["claim_background"].target, retry_count=Job.retry_count + 1,
                 dispatch_token=func.gen_random_uuid(), dispatched_at=func.now(), updated_at=func.now())
-        .returning(*_with_snapshot(Job.dispatch_token, Job.kind, Job.trace_parent))))
+        .returning(*_with_snapshot(Job.dispatch_token, Job.kind, Job.trace_parent))
+        .execution_options(synchronize_session=False)))
 
 
 def succeed(claim: Claim, result_key: str, attempt: AttemptRecord, settings: Settings,
@@ -252,7 +256,7 @@ def requeue_failed_batch(fair_tags: dict[uuid.UUID, int]) -> list[Any]:
                 error_code=None, error_detail=None, completed_at=None, started_at=None, dispatch_token=None,
                 dispatched_at=None, fair_tag=queued.c.fair_tag, generation=Job.generation + 1, updated_at=func.now())
         .returning(*_with_snapshot(Job.user_id, Job.generation, Job.price))
-    ).all()
+        .execution_options(synchronize_session=False)).all()
 
 
 def record_transient_failure(claim: Claim, error_code: str, detail: str, attempt: AttemptRecord,

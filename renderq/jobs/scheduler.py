@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
 
-from sqlalchemy import Select, and_, func, or_, select, text, tuple_, update
+from sqlalchemy import Select, and_, func, or_, select, text, tuple_, union_all, update
 
 from config import Settings
 from config.kinds import longest_hard_time_limit
@@ -76,48 +77,63 @@ def user_cap(max_inflight: Optional[int], generator_cap: int) -> Optional[int]:
     return min(caps) if caps else None
 
 
-def _slots_and_cap(config: Settings) -> tuple[int, int]:
-    """The live workers' slots, and the GENERATOR_MAX_INFLIGHT that holds: the smallest that
-    any live worker or this process runs with (0: none)."""
-    slots, worker_cap = db.session.execute(
-        select(func.coalesce(func.sum(WorkerHost.slots), 0),
-               func.min(WorkerHost.generator_cap).filter(WorkerHost.generator_cap > 0))
-        .where(WorkerHost.expires_at > func.now())).one()
-    caps = [cap for cap in (worker_cap, config.generator_max_inflight) if cap]
-    return slots, min(caps) if caps else 0
+@dataclass(frozen=True)
+class State:
+    """What a dispatch decision needs, read in one statement under the lock."""
+    slots: int  # announced by the live attempts processes
+    generator_cap: int  # the GENERATOR_MAX_INFLIGHT in force: the smallest any live worker or this process has
+    lost: int  # attempts lost mid-call lately: their calls may still run at the generator
+    in_flight: dict[int, int]  # slots held, by user
+    waiting: bool  # a pending job or a due retry is waiting for a slot
+
+    @property
+    def free(self) -> int:
+        capacity = self.slots
+        if self.generator_cap:
+            # A worker that died mid-call may leave the call running at the generator until
+            # the kind's hard time limit: its slot is not given away before then.
+            capacity = min(capacity, max(0, self.generator_cap - self.lost))
+        return capacity - sum(self.in_flight.values())
+
+
+_LIVE = WorkerHost.expires_at > func.now()
+
+
+def _state(config: Settings) -> State:
+    lost_since = func.now() - timedelta(seconds=longest_hard_time_limit())
+    by_user = select(Job.user_id, func.count().label("n")).where(IN_FLIGHT).group_by(Job.user_id).subquery()
+    row = db.session.execute(select(
+        select(func.coalesce(func.sum(WorkerHost.slots), 0)).where(_LIVE).scalar_subquery().label("slots"),
+        select(func.min(WorkerHost.generator_cap).filter(WorkerHost.generator_cap > 0)).where(_LIVE)
+        .scalar_subquery().label("worker_cap"),
+        select(func.count()).select_from(JobAttempt).where(JobAttempt.outcome == AttemptOutcome.LOST,
+                                                           JobAttempt.started_at > lost_since)
+        .scalar_subquery().label("lost"),
+        select(func.json_object_agg(by_user.c.user_id, by_user.c.n)).scalar_subquery().label("in_flight"),
+        or_(select(Job.id).where(WAITING).exists(), select(Job.id).where(DUE_RETRY).exists()).label("waiting"),
+    )).one()
+    caps = [cap for cap in (row.worker_cap, config.generator_max_inflight) if cap]
+    return State(int(row.slots), min(caps) if caps else 0, int(row.lost),
+                 {int(user): int(count) for user, count in (row.in_flight or {}).items()}, bool(row.waiting))
 
 
 def generator_cap() -> int:
     """The GENERATOR_MAX_INFLIGHT in force (0: none)."""
-    return _slots_and_cap(settings())[1]
-
-
-def capacity(slots: int, generator_cap: int) -> int:
-    """Slots that may be filled now: the live workers' slots, within the generator's cap."""
-    if not generator_cap:
-        return slots
-    # A worker that died mid-call may leave the call running at the generator until the
-    # kind's hard time limit; its slot is not given away before then.
-    lost = db.session.execute(select(func.count()).select_from(JobAttempt).where(
-        JobAttempt.outcome == AttemptOutcome.LOST,
-        JobAttempt.started_at > func.now() - timedelta(seconds=longest_hard_time_limit()))).scalar_one()
-    return min(slots, max(0, generator_cap - lost))
+    return _state(settings()).generator_cap
 
 
 def _lock() -> None:
     db.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": DISPATCH_LOCK})
 
 
-def _in_flight_by_user() -> dict[int, int]:
-    return dict(db.session.execute(select(Job.user_id, func.count()).where(IN_FLIGHT).group_by(Job.user_id)).all())
-
-
-def _candidates(condition: Any, limit: int, skip_users: set[int]) -> list[Any]:
-    query = (select(Job.id, Job.user_id, Job.fair_tag, User.max_inflight).join(User, User.id == Job.user_id)
-             .where(condition).order_by(Job.fair_tag, Job.id).limit(limit))
-    if skip_users:
-        query = query.where(Job.user_id.not_in(skip_users))
-    return list(db.session.execute(query))
+def _candidates(limit: int, skip_users: set[int]) -> list[Any]:
+    """The first `limit` due retries and the first `limit` waiting jobs, by tag, in one statement."""
+    def first(condition: Any) -> Any:
+        query = (select(Job.id, Job.user_id, Job.fair_tag, User.max_inflight).join(User, User.id == Job.user_id)
+                 .where(condition).order_by(Job.fair_tag, Job.id).limit(limit))
+        return query.where(Job.user_id.not_in(skip_users)) if skip_users else query
+    both = union_all(first(DUE_RETRY), first(WAITING)).subquery()
+    return list(db.session.execute(select(both).order_by(both.c.fair_tag, both.c.id)))
 
 
 def _pick(free: int, in_flight: dict[int, int], generator_cap: int) -> list[Any]:
@@ -128,10 +144,10 @@ def _pick(free: int, in_flight: dict[int, int], generator_cap: int) -> list[Any]
     for _ in range(4):  # each round skips the users the last one filled up
         want = free - len(picked)
         taken = {row.id for row in picked}
-        rows = sorted(_candidates(DUE_RETRY, want * 2, capped) + _candidates(WAITING, want * 2, capped),
-                      key=lambda row: (row.fair_tag, row.id))
-        fresh = [row for row in rows if row.id not in taken]
-        for row in fresh:
+        rows = _candidates(want * 2, capped)
+        for row in rows:
+            if row.id in taken:
+                continue
             cap = user_cap(row.max_inflight, generator_cap)
             if cap is not None and in_flight.get(row.user_id, 0) >= cap:
                 capped.add(row.user_id)
@@ -140,16 +156,9 @@ def _pick(free: int, in_flight: dict[int, int], generator_cap: int) -> list[Any]
             in_flight[row.user_id] = in_flight.get(row.user_id, 0) + 1
             if len(picked) == free:
                 return picked
-        if len(fresh) < want * 2:  # nothing more is waiting
+        if len(rows) < want * 2:  # nothing more is waiting
             return picked
     return picked
-
-
-def _free_slots(config: Settings) -> tuple[int, int]:
-    """(free slots, the generator cap that holds)."""
-    slots, generator_cap = _slots_and_cap(config)
-    in_use = db.session.execute(select(func.count()).select_from(Job).where(IN_FLIGHT)).scalar_one()
-    return capacity(slots, generator_cap) - in_use, generator_cap
 
 
 def dispatch() -> int:
@@ -159,15 +168,16 @@ def dispatch() -> int:
     worker starts, and by the reconciler."""
     config = settings()
     _lock()
-    free, generator_cap = _free_slots(config)
-    rows = _pick(free, _in_flight_by_user(), generator_cap) if free > 0 else []
+    state = _state(config)
+    rows = _pick(state.free, dict(state.in_flight), state.generator_cap) if state.waiting and state.free > 0 else []
     if not rows:
         db.session.rollback()
         return 0
     sent = db.session.execute(
         update(Job).where(Job.id.in_([row.id for row in rows]), or_(WAITING, DUE_RETRY))
         .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
-        .returning(Job.id, Job.dispatch_token, Job.kind, Job.trace_parent)).all()
+        .returning(Job.id, Job.dispatch_token, Job.kind, Job.trace_parent)
+        .execution_options(synchronize_session=False)).all()
     db.session.execute(update(SchedulerClock).where(SchedulerClock.id == 1).values(
         fair_tag=func.greatest(SchedulerClock.fair_tag, max(row.fair_tag for row in rows))))
     db.session.commit()
@@ -182,7 +192,7 @@ def dispatch_background() -> int:
     _lock()
     running = db.session.execute(select(func.count()).select_from(Job).where(
         Job.status == Status.PROCESSING, Job.retry_count > 0)).scalar_one()
-    room = min(config.max_concurrent_background_tasks - running, _free_slots(config)[0])
+    room = min(config.max_concurrent_background_tasks - running, _state(config).free)
     if room <= 0:
         db.session.rollback()
         return 0
@@ -214,11 +224,13 @@ def recover_lost_dispatches(grace: timedelta) -> int:
     stale = and_(Job.dispatch_token.is_not(None), Job.dispatched_at < func.now() - grace)
     requeued = db.session.execute(
         update(Job).where(stale, Job.status.in_((Status.PENDING, Status.RETRYING)))
-        .values(dispatch_token=None, dispatched_at=None).returning(Job.id)).scalars().all()
+        .values(dispatch_token=None, dispatched_at=None).returning(Job.id)
+        .execution_options(synchronize_session=False)).scalars().all()
     resent = db.session.execute(
         update(Job).where(stale, Job.status == Status.PROCESSING, Job.lease_token.is_(None))
         .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
-        .returning(Job.id, Job.dispatch_token, Job.kind, Job.trace_parent)).all()
+        .returning(Job.id, Job.dispatch_token, Job.kind, Job.trace_parent)
+        .execution_options(synchronize_session=False)).all()
     db.session.commit()
     for job_id in requeued:
         log.info("📋 [QUEUE] job %s: its attempt message was lost; queued again", job_id,
