@@ -1,4 +1,11 @@
-"""HTTP surface of the reference generator: renders, health, and the call counters tests inspect."""
+"""HTTP surface of the reference generator: renders, health, and the call counters tests inspect.
+
+Faults are set by the environment (generator.faults.FaultSettings: GENERATOR_FAILURE_RATE,
+GENERATOR_LATENCY_MS, GENERATOR_MAX_CONCURRENCY, GENERATOR_429_RATE with
+GENERATOR_429_RETRY_AFTER, GENERATOR_HANG_RATE with GENERATOR_HANG_MS, GENERATOR_GARBAGE_RATE,
+GENERATOR_SEED) and by directives in the prompt; GENERATOR_CALL_LOG=path appends every call
+to a JSON-lines file (generator.faults.CallLog).
+"""
 from __future__ import annotations
 
 import logging
@@ -11,7 +18,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from generator import styles
-from generator.faults import CallTracker, ConcurrencyGate, FaultSettings, parse_directives
+from generator.faults import CallLog, CallTracker, ConcurrencyGate, FaultSettings, parse_directives
 
 log = logging.getLogger("generator")
 
@@ -39,10 +46,16 @@ def _error(status: int, code: str, headers: Mapping[str, str] | None = None) -> 
 
 def create_app(env: Mapping[str, str] | None = None) -> Flask:
     """Build the app; faults come from `env` (default os.environ) and are fixed for the app's life."""
-    settings = FaultSettings.from_env(os.environ if env is None else env)
+    env = os.environ if env is None else env
+    settings = FaultSettings.from_env(env)
     tracker = CallTracker()
     gate = ConcurrencyGate(settings.max_concurrency)
-    rng = random.Random()
+    rng = random.Random(settings.seed)
+    call_log = CallLog(env["GENERATOR_CALL_LOG"]) if env.get("GENERATOR_CALL_LOG") else None
+
+    def chance(rate: float) -> bool:
+        # No draw at all for a fault that is off, so setting one fault leaves the others' draws alone.
+        return bool(rate) and rng.random() < rate
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD_BYTES
@@ -50,13 +63,18 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     app.extensions["generator"] = {"settings": settings, "tracker": tracker}
     _ensure_logging()
 
-    def render_png(job_call: int) -> bytes:
+    def render_png(job_call: int, faults: list[str]) -> bytes:
         directives = parse_directives(request.form.get("prompt", ""))
-        # Order is part of the contract: sleeps always happen, then scripted failures, then refusals.
+        # Order is part of the contract: sleeps always happen (a hang is a very long one), then
+        # scripted failures, then refusals.
         delay_ms = settings.latency_ms + directives.slow_ms
+        if chance(settings.hang_rate):
+            faults.append("hang")
+            delay_ms += settings.hang_ms
         if delay_ms:
             time.sleep(delay_ms / 1000.0)
-        if settings.failure_rate and rng.random() < settings.failure_rate:
+        if chance(settings.failure_rate):
+            faults.append("failure_rate")
             raise ApiError(503, "GENERATOR_BUSY")
         if job_call <= directives.fail:
             raise ApiError(503, "GENERATOR_BUSY")
@@ -89,14 +107,22 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     def renders() -> Response:
         job_id = request.headers.get("X-Job-Id", "").strip() or "anonymous"
         started = time.monotonic()
+        logged = call_log.begin(job_id) if call_log else None
+        faults: list[str] = []
         job_call = tracker.begin(job_id)
         try:
             # Refused before any sleep: a rate limit that made callers wait would hide the overload.
-            if not gate.try_enter():
+            if chance(settings.rate_limit_rate):
+                faults.append("rate_limit")
+                resp = _error(429, "RATE_LIMITED", {"Retry-After": str(settings.rate_limit_retry_after)})
+            elif not gate.try_enter():
                 resp = _error(429, "RATE_LIMITED", {"Retry-After": "1"})
             else:
                 try:
-                    resp = Response(render_png(job_call), status=200, mimetype="image/png")
+                    resp = Response(render_png(job_call, faults), status=200, mimetype="image/png")
+                    if chance(settings.garbage_rate):
+                        faults.append("garbage")
+                        resp = _garbage(resp.get_data(), rng)
                 except ApiError as exc:
                     resp = _error(exc.status, exc.code, exc.headers)
                 except HTTPException as exc:  # e.g. 413 or a malformed multipart body
@@ -107,8 +133,11 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
             # Decremented before the response is written, so a caller's prompt retry never looks concurrent.
             tracker.end(job_id)
         # The caller's trace context (W3C), so a render can be found from the caller's trace.
-        log.info("render job=%s call=%d status=%d ms=%d traceparent=%s", job_id, job_call, resp.status_code,
-                 (time.monotonic() - started) * 1000, request.headers.get("traceparent", "-"))
+        log.info("render job=%s call=%d status=%d ms=%d traceparent=%s%s", job_id, job_call, resp.status_code,
+                 (time.monotonic() - started) * 1000, request.headers.get("traceparent", "-"),
+                 " fault=" + ",".join(faults) if faults else "")
+        if logged is not None:
+            call_log.end(logged, resp.status_code, ",".join(faults) or None)
         return resp
 
     @app.get("/v1/calls/<job_id>")
@@ -128,9 +157,19 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
         # Clients parse every error body as JSON, including 404/405 from a wrong URL.
         return _error(exc.code or 500, (exc.name or "ERROR").upper().replace(" ", "_"))
 
-    log.info("generator ready: failure_rate=%s latency_ms=%d max_concurrency=%d",
-             settings.failure_rate, settings.latency_ms, settings.max_concurrency)
+    log.info("generator ready: failure_rate=%s latency_ms=%d max_concurrency=%d 429_rate=%s hang_rate=%s "
+             "hang_ms=%d garbage_rate=%s call_log=%s", settings.failure_rate, settings.latency_ms,
+             settings.max_concurrency, settings.rate_limit_rate, settings.hang_rate, settings.hang_ms,
+             settings.garbage_rate, env.get("GENERATOR_CALL_LOG") or "-")
     return app
+
+
+def _garbage(png: bytes, rng: random.Random) -> Response:
+    """A 200 that is not an image, as a misbehaving API or proxy sends one: either an HTML
+    error page, or a PNG cut short under the image/png type."""
+    if rng.random() < 0.5:
+        return Response("<html><body><h1>502 Bad Gateway</h1></body></html>", status=200, mimetype="text/html")
+    return Response(png[:max(8, len(png) // 3)], status=200, mimetype="image/png")
 
 
 def _ensure_logging() -> None:

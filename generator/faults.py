@@ -5,9 +5,12 @@ failures precisely and afterwards prove how often (and how concurrently) each jo
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -45,23 +48,45 @@ def parse_directives(prompt: str) -> Directives:
 
 @dataclass(frozen=True)
 class FaultSettings:
-    """Server-wide faults, fixed when the app is created so a run cannot change behaviour mid-test."""
+    """Server-wide faults, fixed when the app is created so a run cannot change behaviour mid-test.
+
+    Beside plain failures and latency, the chaos benchmark needs the ways a real image API
+    misbehaves that a job system must survive: random 429s with Retry-After, calls that hang
+    far past the caller's timeout, and 200 answers whose body is not an image.
+    """
 
     failure_rate: float = 0.0
     latency_ms: int = 0
     max_concurrency: int = 0  # 0 = unlimited
+    rate_limit_rate: float = 0.0  # GENERATOR_429_RATE: this fraction of calls answer 429 at once
+    rate_limit_retry_after: int = 1  # GENERATOR_429_RETRY_AFTER: the Retry-After those 429s carry, in seconds
+    hang_rate: float = 0.0  # GENERATOR_HANG_RATE: this fraction of calls sleep GENERATOR_HANG_MS first
+    hang_ms: int = 120_000
+    garbage_rate: float = 0.0  # GENERATOR_GARBAGE_RATE: this fraction of successes answer 200 with a non-image
+    seed: int | None = None  # GENERATOR_SEED: the random draws above, reproducible
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "FaultSettings":
         """Read GENERATOR_* variables; a bad value raises ValueError so a misconfigured run fails at start."""
-        rate = _read(env, "GENERATOR_FAILURE_RATE", "0", float)
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError("GENERATOR_FAILURE_RATE must be between 0 and 1, got %r" % rate)
+        rates = {}
+        for name in ("GENERATOR_FAILURE_RATE", "GENERATOR_429_RATE", "GENERATOR_HANG_RATE", "GENERATOR_GARBAGE_RATE"):
+            rates[name] = _read(env, name, "0", float)
+            if not 0.0 <= rates[name] <= 1.0:
+                raise ValueError("%s must be between 0 and 1, got %r" % (name, rates[name]))
         latency = _read(env, "GENERATOR_LATENCY_MS", "0", int)
         concurrency = _read(env, "GENERATOR_MAX_CONCURRENCY", "0", int)
         if latency < 0 or concurrency < 0:
             raise ValueError("GENERATOR_LATENCY_MS and GENERATOR_MAX_CONCURRENCY must be >= 0")
-        return cls(failure_rate=rate, latency_ms=latency, max_concurrency=concurrency)
+        retry_after = _read(env, "GENERATOR_429_RETRY_AFTER", "1", int)
+        hang_ms = _read(env, "GENERATOR_HANG_MS", "120000", int)
+        if retry_after < 0 or not 0 <= hang_ms <= MAX_SLOW_MS:
+            raise ValueError("GENERATOR_429_RETRY_AFTER must be >= 0 and GENERATOR_HANG_MS between 0 and %d"
+                             % MAX_SLOW_MS)
+        seed = _read(env, "GENERATOR_SEED", "", int) if (env.get("GENERATOR_SEED") or "").strip() else None
+        return cls(failure_rate=rates["GENERATOR_FAILURE_RATE"], latency_ms=latency, max_concurrency=concurrency,
+                   rate_limit_rate=rates["GENERATOR_429_RATE"], rate_limit_retry_after=retry_after,
+                   hang_rate=rates["GENERATOR_HANG_RATE"], hang_ms=hang_ms,
+                   garbage_rate=rates["GENERATOR_GARBAGE_RATE"], seed=seed)
 
 
 def _read(env: Mapping[str, str], name: str, default: str, parse: type) -> float | int:
@@ -145,3 +170,34 @@ class ConcurrencyGate:
     def leave(self) -> None:
         with self._lock:
             self._active -= 1
+
+
+class CallLog:
+    """GENERATOR_CALL_LOG: one JSON line when a call starts and one when it ends, appended to a file.
+
+    The chaos benchmark's invariant checker compares these calls with the attempts the job
+    system recorded. The start line is written first so that a call cut off by the generator
+    being killed still counts (it has a start and no end). Each line is a single write() on a
+    file opened with O_APPEND, which the kernel keeps whole across threads and processes.
+
+        {"call": "<id>", "job_id": "...", "start": 1700000000.123}
+        {"call": "<id>", "job_id": "...", "start": 1700000000.123, "end": 1700000000.456, "status": 200,
+         "fault": null}
+    """
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._lock = threading.Lock()
+
+    def _write(self, record: dict) -> None:
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            os.write(self._fd, line)
+
+    def begin(self, job_id: str) -> dict:
+        record = {"call": uuid.uuid4().hex, "job_id": job_id, "start": time.time()}
+        self._write(record)
+        return record
+
+    def end(self, record: dict, status: int, fault: str | None) -> None:
+        self._write({**record, "end": time.time(), "status": status, "fault": fault})

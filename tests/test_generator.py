@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import threading
 from typing import Any
 
@@ -245,3 +246,95 @@ def test_reads_os_environ_by_default(monkeypatch):
     monkeypatch.setenv("GENERATOR_FAILURE_RATE", "1")
     resp = post(create_app().test_client(), image=png_bytes())
     assert resp.status_code == 503
+
+
+@pytest.mark.parametrize("env", [
+    {"GENERATOR_429_RATE": "2"},
+    {"GENERATOR_HANG_RATE": "-0.1"},
+    {"GENERATOR_GARBAGE_RATE": "sometimes"},
+    {"GENERATOR_HANG_MS": "-5"},
+    {"GENERATOR_429_RETRY_AFTER": "-1"},
+    {"GENERATOR_SEED": "abc"},
+])
+def test_bad_chaos_fault_settings_fail_at_startup(env):
+    with pytest.raises(ValueError):
+        create_app(env=env)
+
+
+def test_429_rate_refuses_before_any_sleep_with_its_retry_after(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr("generator.app.time.sleep", slept.append)
+    app = create_app(env={"GENERATOR_429_RATE": "1", "GENERATOR_429_RETRY_AFTER": "7", "GENERATOR_LATENCY_MS": "500"})
+    client = app.test_client()
+    for _ in range(3):
+        resp = post(client, "limited", png_bytes(), prompt="[slow:100]")
+        assert resp.status_code == 429 and resp.get_json() == {"error": "RATE_LIMITED"}
+        assert resp.headers["Retry-After"] == "7"
+    assert slept == []  # a rate limit answers at once
+    assert client.get("/v1/calls/limited").get_json()["calls"] == 3  # refused calls are still calls
+
+
+def test_hang_rate_sleeps_far_longer_then_answers_as_usual(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr("generator.app.time.sleep", slept.append)
+    client = create_app(env={"GENERATOR_HANG_RATE": "1", "GENERATOR_HANG_MS": "90000",
+                             "GENERATOR_LATENCY_MS": "100"}).test_client()
+    decoded(post(client, image=png_bytes()))
+    blocked = post(client, image=png_bytes(), prompt="[block:COPYRIGHT_VIOLATION]")
+    assert blocked.status_code == 422
+    assert slept == [pytest.approx(90.1), pytest.approx(90.1)]
+
+
+def test_garbage_rate_answers_200_with_a_body_that_is_not_an_image():
+    client = create_app(env={"GENERATOR_GARBAGE_RATE": "1", "GENERATOR_SEED": "3"}).test_client()
+    mimetypes = set()
+    for i in range(12):
+        resp = post(client, "g%d" % i, png_bytes())
+        assert resp.status_code == 200
+        mimetypes.add(resp.mimetype)
+        with pytest.raises(Exception):
+            Image.open(io.BytesIO(resp.get_data())).load()
+    assert mimetypes == {"image/png", "text/html"}  # both kinds: an HTML page, and a PNG cut short
+    # Only successes turn to garbage: refusals keep their code.
+    assert post(client, image=png_bytes(), prompt="[invalid]").status_code == 400
+    assert post(client, "fresh", png_bytes(), prompt="[fail:1]").status_code == 503
+
+
+def test_fault_rates_draw_reproducibly_from_the_seed():
+    env = {"GENERATOR_FAILURE_RATE": "0.5", "GENERATOR_429_RATE": "0.2", "GENERATOR_SEED": "42"}
+
+    def codes() -> list[int]:
+        client = create_app(env=env).test_client()
+        return [post(client, "s%d" % i, png_bytes((8, 8))).status_code for i in range(30)]
+
+    first = codes()
+    assert first == codes()
+    assert {200, 429, 503} <= set(first)
+
+
+def test_call_log_has_a_start_and_an_end_line_per_call_from_many_threads(tmp_path):
+    log_path = tmp_path / "calls.jsonl"
+    app = create_app(env={"GENERATOR_CALL_LOG": str(log_path)})
+    job_ids = ["j%d" % (i % 4) for i in range(16)]
+    results = concurrent_posts(app, job_ids, "[slow:50]")
+    post(app.test_client(), "refused", png_bytes(), prompt="[invalid]")
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert len(lines) == 2 * 17  # every line whole: none interleaved or lost
+    ends = {line["call"]: line for line in lines if "end" in line}
+    starts = {line["call"]: line for line in lines if "end" not in line}
+    assert set(starts) == set(ends) and len(ends) == 17
+    for call, end in ends.items():
+        assert end["job_id"] == starts[call]["job_id"] and end["start"] == starts[call]["start"]
+        assert end["start"] + 0.04 <= end["end"] or end["job_id"] == "refused"
+    assert sorted(end["job_id"] for end in ends.values()) == sorted(job_ids + ["refused"])
+    assert [end["status"] for end in ends.values() if end["job_id"] == "refused"] == [400]
+    assert all(r.status_code == 200 for r in results)
+    assert all(end["fault"] is None for end in ends.values())
+
+
+def test_call_log_names_the_fault_a_call_met(tmp_path):
+    log_path = tmp_path / "calls.jsonl"
+    client = create_app(env={"GENERATOR_CALL_LOG": str(log_path), "GENERATOR_429_RATE": "1"}).test_client()
+    post(client, "x", png_bytes())
+    end = [json.loads(line) for line in log_path.read_text().splitlines()][-1]
+    assert (end["job_id"], end["status"], end["fault"]) == ("x", 429, "rate_limit")
