@@ -111,8 +111,12 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
         faults: list[str] = []
         job_call = tracker.begin(job_id)
         try:
+            asked = parse_directives(request.form.get("prompt", ""))
             # Refused before any sleep: a rate limit that made callers wait would hide the overload.
-            if chance(settings.rate_limit_rate):
+            if asked.ratelimit_seconds and job_call == 1:
+                faults.append("rate_limit")
+                resp = _error(429, "RATE_LIMITED", {"Retry-After": str(asked.ratelimit_seconds)})
+            elif chance(settings.rate_limit_rate):
                 faults.append("rate_limit")
                 resp = _error(429, "RATE_LIMITED", {"Retry-After": str(settings.rate_limit_retry_after)})
             elif not gate.try_enter():
@@ -120,7 +124,7 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
             else:
                 try:
                     resp = Response(render_png(job_call, faults), status=200, mimetype="image/png")
-                    if chance(settings.garbage_rate):
+                    if chance(settings.garbage_rate) or (asked.garbage and job_call == 1):
                         faults.append("garbage")
                         resp = _garbage(resp.get_data(), rng)
                 except ApiError as exc:

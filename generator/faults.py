@@ -21,6 +21,8 @@ _FAIL_RE = re.compile(r"\[fail:(\d+)\]")
 _BLOCK_RE = re.compile(r"\[block:([A-Z_]+)\]")
 _SLOW_RE = re.compile(r"\[slow:(\d+)\]")
 _INVALID_RE = re.compile(r"\[invalid\]")
+_RATELIMIT_RE = re.compile(r"\[ratelimit:(\d+)\]")
+_GARBAGE_RE = re.compile(r"\[garbage\]")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class Directives:
     block: str | None = None
     slow_ms: int = 0
     invalid: bool = False
+    ratelimit_seconds: int = 0  # the job's first call answers 429 with this Retry-After
+    garbage: bool = False  # the job's first call answers 200 with a body that is no image
 
 
 def parse_directives(prompt: str) -> Directives:
@@ -38,11 +42,14 @@ def parse_directives(prompt: str) -> Directives:
     fail = _FAIL_RE.search(prompt)
     block = _BLOCK_RE.search(prompt)
     slow = _SLOW_RE.search(prompt)
+    ratelimit = _RATELIMIT_RE.search(prompt)
     return Directives(
         fail=int(fail.group(1)) if fail else 0,
         block=block.group(1) if block else None,
         slow_ms=min(int(slow.group(1)), MAX_SLOW_MS) if slow else 0,
         invalid=_INVALID_RE.search(prompt) is not None,
+        ratelimit_seconds=int(ratelimit.group(1)) if ratelimit else 0,
+        garbage=_GARBAGE_RE.search(prompt) is not None,
     )
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import time
+import uuid
 
 import pytest
 from PIL import Image
@@ -184,3 +185,27 @@ def test_image_generate_needs_no_photo(client, user):
     assert (job["status"], job["outcome"], job["result_url"]) == ("completed", "succeeded", "/api/jobs/%s/result" % job_id)
     result = client.get(job["result_url"], headers={"Authorization": "Bearer " + token})
     assert Image.open(io.BytesIO(result.data)).size == (512, 512)
+
+
+def test_a_429s_retry_after_is_waited_out_and_capped_at_the_ladders_longest_step(client, user, generator):
+    _, token = user
+    waited = submit_and_watch(client, token, prompt="[ratelimit:1]")[-1]  # longer than the first step (0.3 s)
+    far = submit_and_watch(client, token, prompt="[ratelimit:3600]")[-1]  # one header must not park a job for an hour
+    for job, least, most in ((waited, 1.0, 2.5), (far, max(LADDER), max(LADDER) + 1.5)):
+        assert (job["status"], job["outcome"], job["attempts"]) == ("completed", "succeeded", 2)
+        first, second = generator_calls(generator, job["id"])["started_at"]
+        assert least <= second - first < most, (job["id"], second - first)
+
+
+def test_a_200_that_is_not_an_image_is_a_transient_failure(app, client, user, generator):
+    from renderq.models import JobAttempt
+
+    _, token = user
+    job = submit_and_watch(client, token, prompt="[garbage]")[-1]
+    assert (job["status"], job["outcome"], job["attempts"]) == ("completed", "succeeded", 2)
+    result = client.get(job["result_url"], headers={"Authorization": "Bearer " + token})
+    assert Image.open(io.BytesIO(result.data)).format == "PNG"  # the real render, not the garbage
+    with app.app_context():
+        first = db.session.execute(db.select(JobAttempt).where(JobAttempt.job_id == uuid.UUID(job["id"]),
+                                                               JobAttempt.number == 1)).scalar_one()
+        assert (first.outcome, first.error_code) == ("transient", "GENERATOR_BAD_RESPONSE")
