@@ -108,6 +108,12 @@ def from_settings(settings: Settings) -> dict:
         # messages than there are free slots, so room for twice that hoards nothing.
         worker_prefetch_multiplier=1 if settings.worker_pool == "prefork" else 2,
         broker_connection_retry_on_startup=True,
+        # After a broker reconnect Celery lowers the prefetch count while old tasks run and raises
+        # it again from the pool thread that acknowledges the last one, on the consumer's own
+        # connection: with the threads pool that thread and the main loop both read the socket and
+        # the worker hangs for good (seen on RabbitMQ restarts under load). Not lowering it costs
+        # a few extra messages prefetched for a moment after a reconnect.
+        worker_enable_prefetch_count_reduction=False,
         # The pool and its size (WORKER_POOL, CONCURRENT_JOBS); `celery worker --pool/--concurrency`
         # still override them (the maintenance and webhooks consumers do).
         worker_pool=settings.worker_pool,

@@ -31,7 +31,22 @@ from tests.support import (
     worker_command,
 )
 
-TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "14"))
+# pytest-xdist runs test files in parallel processes named gw0, gw1, ...: each takes Redis
+# databases of its own (this one, TEST_REDIS_DB - 1 for the isolated stacks, - 3 for the throttle's).
+XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "14")) - 4 * XDIST_WORKER
+
+# The files that take longest start first, so that the parallel processes finish together.
+LONGEST_FILES = ("test_chaos_smoke.py", "test_rabbitmq.py", "test_multihost.py", "test_rules.py",
+                 "test_production_timings.py", "test_server_restarts.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file and among the others stays
 
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"renderq-tests-webhook-secret-24").decode()
 

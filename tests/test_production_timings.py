@@ -19,6 +19,7 @@ PRODUCTION = {"JOB_LEASE_SECONDS": "30", "QUEUE_CHECK_INTERVAL": "5", "RETRY_DEL
 def production(tmp_path_factory) -> Iterator[IsolatedStack]:
     stack = IsolatedStack(tmp_path_factory.mktemp("production"), PRODUCTION, concurrency=2).start()
     yield stack
+    stack.worker.kill()  # it is in 50 s generator calls that nobody waits for: nothing to drain
     stack.stop()
 
 
