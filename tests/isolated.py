@@ -27,7 +27,7 @@ from tests.support import (
     worker_command,
 )
 
-# Isolated stacks take turns on this Redis database (modules run one after another).
+# Isolated stacks take turns on this Redis database (one test process runs its modules one after another).
 ISOLATED_REDIS_DB = TEST_REDIS_DB - 1
 
 

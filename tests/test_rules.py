@@ -3,6 +3,8 @@ tier, two background tries at once, kind time limits, failure notices and a Russ
 Each proved end to end on a stack of the test's own."""
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from itertools import combinations
 from typing import Iterator
@@ -87,7 +89,16 @@ def test_a_kinds_time_limit_cuts_an_attempt_and_counts_as_transient(rules):
 
 def test_at_most_max_concurrent_background_tasks_run_at_once(rules):
     token = rules.new_user()
-    job_ids = [upload(rules.client, token, prompt="[fail:99][slow:500]").get_json()["id"] for _ in range(5)]
+    maintenance = next(process for process in rules.processes if process.name == "maintenance")
+    # The background processor is held until all five wait for it, so that it finds more than
+    # its two slots at once however far apart a loaded machine spreads their ladders.
+    os.killpg(maintenance.popen.pid, signal.SIGSTOP)
+    try:
+        job_ids = [upload(rules.client, token, prompt="[fail:99][slow:500]").get_json()["id"] for _ in range(5)]
+        wait_for(lambda: all(job_json(rules.client, token, job_id)["status"] == "pending_background_retry"
+                             for job_id in job_ids), timeout=60, what="all five jobs to wait for the background tier")
+    finally:
+        os.killpg(maintenance.popen.pid, signal.SIGCONT)
     jobs = [wait_terminal(rules.client, token, job_id, timeout=90) for job_id in job_ids]
     # the ladder (1 + MAX_RETRIES) then the background tier (MAX_RETRY_ATTEMPTS), then failed
     assert {(job["status"], job["attempts"], job["retry_count"]) for job in jobs} == {("failed", 5, 3)}
