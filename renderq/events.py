@@ -18,7 +18,7 @@ import redis
 
 from renderq.enums import TERMINAL_STATUSES
 from renderq.models import Job
-from renderq.runtime import redis_client
+from renderq.runtime import REDIS_SOCKET_TIMEOUT, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,13 @@ def latest_id(job_id: object) -> str:
 
 def wait(job_id: object, last_id: str, seconds: float) -> list[tuple[str, dict]]:
     """Events after `last_id`, waiting up to `seconds` for the first one (holding a Redis
-    connection only)."""
-    answer = redis_client().xread({stream(job_id): last_id}, block=max(1, int(seconds * 1000)), count=KEEP_EVENTS)
-    return [(entry_id.decode(), decode(fields)) for _, entries in answer or [] for entry_id, fields in entries]
+    connection only). Each XREAD blocks for less than the client's socket timeout."""
+    deadline = time.monotonic() + seconds
+    while True:
+        block = min(deadline - time.monotonic(), REDIS_SOCKET_TIMEOUT - 1)
+        answer = redis_client().xread({stream(job_id): last_id}, block=max(1, int(block * 1000)), count=KEEP_EVENTS)
+        if answer or time.monotonic() >= deadline:
+            return [(entry_id.decode(), decode(fields)) for _, entries in answer or [] for entry_id, fields in entries]
 
 
 def is_terminal(state: dict) -> bool:

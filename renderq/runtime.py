@@ -18,12 +18,16 @@ def settings() -> Settings:
     return current_app.extensions["renderq.settings"]
 
 
+# A blocking command must return within this, or the client gives up on its connection.
+REDIS_SOCKET_TIMEOUT = 5
+
+
 def redis_client() -> redis.Redis:
     """A client of REDIS_URL's server (connections pooled, made on first use)."""
     extensions = current_app.extensions
     if "renderq.redis" not in extensions:
-        extensions["renderq.redis"] = redis.Redis.from_url(settings().redis_url, socket_timeout=5,
-                                                           socket_connect_timeout=5)
+        extensions["renderq.redis"] = redis.Redis.from_url(settings().redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT,
+                                                           socket_connect_timeout=REDIS_SOCKET_TIMEOUT)
     return extensions["renderq.redis"]
 
 

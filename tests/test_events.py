@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 import requests
 
 from tests.conftest import png_bytes
+from tests.support import BIN, Process, free_port, wait_for_health
 
 
 def auth(token: str) -> dict:
@@ -93,3 +94,21 @@ def test_a_finished_job_streams_once_and_closes_and_others_cannot_watch(web_url,
     assert [job["status"] for job in events] == ["completed"]
     assert requests.get(url, headers=auth(stranger), timeout=5).status_code == 403
     assert requests.get(url, timeout=5).status_code == 401
+
+
+def test_a_stream_outlives_a_quiet_stretch_longer_than_the_redis_socket_timeout(stack_env, log_dir, make_user):
+    # The production heartbeat (15 s) waits on Redis longer than its client's 5 s socket timeout.
+    url = "http://127.0.0.1:%d" % free_port()
+    web = Process("web-heartbeat-15", [str(BIN / "gunicorn"), "--bind", url[7:], "--workers", "1", "--threads", "4",
+                                       "webapp:create_app()"], {**stack_env, "EVENT_HEARTBEAT_SECONDS": "15"},
+                  log_dir).start()
+    try:
+        wait_for_health(url, timeout=30, what="gunicorn")
+        _, token = make_user()
+        job_id = submit(url, token, "[slow:8000]")  # processing for 8 s: no event in between
+        with requests.get(url + "/api/jobs/%s/events" % job_id, headers=auth(token), stream=True,
+                          timeout=30) as response:
+            jobs = [job for kind, _, job in read_stream(response) if kind == "status"]
+    finally:
+        web.stop()
+    assert (jobs[-1]["status"], jobs[-1]["outcome"]) == ("completed", "succeeded")
