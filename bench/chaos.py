@@ -850,6 +850,7 @@ def run(options: Options) -> Result:
         faults = threading.Thread(target=chaos.run, args=(stop,), name="chaos", daemon=True)
         started = time.monotonic()
         timer = threading.Timer(options.duration, stop.set)
+        timer.daemon = True  # a terminated run must not wait out the duration before it exits
         timer.start()
         faults.start()
         submitted = submitter.run(stop)
