@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 from sqlalchemy import text
 
@@ -90,39 +90,56 @@ def job_counts() -> list[JobCountRow]:
             for row in db.session.execute(_JOB_COUNTS)]
 
 
-_PAST_WATERMARK = "a.id > (SELECT last_id FROM counter_watermarks WHERE name = 'job_attempts')"
+# The attempts past the watermark are read with the watermark as a value, so that the plan is a
+# short range of the primary key (as a subquery the planner guesses a third of the table, and
+# at a million attempts scans them). Each read also returns the watermark its snapshot saw: if a
+# fold moved it in between, the read is repeated, so that no attempt is counted twice.
+_PAST_WATERMARK = "a.id > :last_id"
+_WATERMARK = "SELECT last_id FROM counter_watermarks WHERE name = 'job_attempts'"
 _ATTEMPT_TOTALS = text("""
-    SELECT kind, tier, outcome, retry, sum(count) AS count, sum(duration_ms) AS duration_ms FROM (
+    SELECT kind, tier, outcome, retry, sum(count) AS count, sum(duration_ms) AS duration_ms,
+           (%s) AS watermark FROM (
         SELECT kind, tier, outcome, retry, count, duration_ms FROM attempt_totals
         UNION ALL
         SELECT a.kind, a.tier, a.outcome, a.number > 1, 1, a.duration_ms FROM job_attempts a WHERE %s) AS counted
      GROUP BY 1, 2, 3, 4
-""" % _PAST_WATERMARK)
+""" % (_WATERMARK, _PAST_WATERMARK))
 _ATTEMPT_BUCKETS = text("""
-    SELECT kind, le_ms, sum(count) AS count FROM (
+    SELECT kind, le_ms, sum(count) AS count, (%s) AS watermark FROM (
         SELECT kind, le_ms, count FROM attempt_buckets
         UNION ALL
         SELECT a.kind, %s, 1 FROM job_attempts a WHERE a.outcome <> 'lost' AND %s) AS counted
      GROUP BY 1, 2
-""" % (_BUCKET_OF, _PAST_WATERMARK))
+""" % (_WATERMARK, _BUCKET_OF, _PAST_WATERMARK))
 _LAST_HOUR = text("""
-    SELECT le_ms, sum(count) AS count FROM (
+    SELECT le_ms, sum(count) AS count, (%s) AS watermark FROM (
         SELECT le_ms, count FROM attempt_minutes WHERE minute >= date_trunc('minute', now() - interval '1 hour')
         UNION ALL
         SELECT %s, 1 FROM job_attempts a
          WHERE a.outcome <> 'lost' AND a.started_at > now() - interval '1 hour' AND %s) AS counted
      GROUP BY 1
-""" % (_BUCKET_OF, _PAST_WATERMARK))
+""" % (_WATERMARK, _BUCKET_OF, _PAST_WATERMARK))
+
+
+def _past_the_watermark(query: Any) -> list:
+    """The rows of `query`, folded counters plus the attempts not folded yet, from one snapshot."""
+    last_id = db.session.execute(text(_WATERMARK)).scalar_one()
+    while True:
+        rows = db.session.execute(query, {"last_id": last_id}).all()
+        seen = rows[0].watermark if rows else last_id
+        if seen == last_id:
+            return rows
+        last_id = seen
 
 
 def attempt_totals() -> list:
-    return list(db.session.execute(_ATTEMPT_TOTALS))
+    return _past_the_watermark(_ATTEMPT_TOTALS)
 
 
 def attempt_buckets() -> dict[str, dict[int, int]]:
     """kind → {upper bound in ms (-1: past the last): attempts in that bucket}, all time."""
     buckets: dict[str, dict[int, int]] = {}
-    for row in db.session.execute(_ATTEMPT_BUCKETS):
+    for row in _past_the_watermark(_ATTEMPT_BUCKETS):
         buckets.setdefault(row.kind, {})[row.le_ms] = int(row.count)
     return buckets
 
@@ -130,7 +147,7 @@ def attempt_buckets() -> dict[str, dict[int, int]]:
 def last_hour_percentiles(*quantiles: float) -> tuple[int, list[Optional[int]]]:
     """(attempts in the last hour, each quantile's duration in ms): interpolated within the
     bucket it falls in, so exact to a bucket's width."""
-    counts = {row.le_ms: int(row.count) for row in db.session.execute(_LAST_HOUR)}
+    counts = {row.le_ms: int(row.count) for row in _past_the_watermark(_LAST_HOUR)}
     total = sum(counts.values())
     return total, [_quantile(counts, total, quantile) for quantile in quantiles]
 

@@ -92,11 +92,12 @@ class RenderqCollector:
     def _attempts(self) -> Iterator:
         attempts = CounterMetricFamily("renderq_attempts", "Generator calls, by kind, tier, outcome and whether "
                                        "they retried the job", labels=["kind", "tier", "outcome", "retry"])
-        for row in counters.attempt_totals():
+        totals = counters.attempt_totals()
+        for row in totals:
             attempts.add_metric([row.kind, row.tier, row.outcome, str(row.retry).lower()], row.count)
         yield attempts
         sums: dict[str, float] = {}
-        for row in counters.attempt_totals():
+        for row in totals:
             if row.outcome != "lost":
                 sums[row.kind] = sums.get(row.kind, 0) + row.duration_ms / 1000
         durations = HistogramMetricFamily("renderq_attempt_duration_seconds", "How long generator calls took",
