@@ -112,18 +112,19 @@ class BenchStack:
             self.worker = None
         self.execute("DELETE FROM worker_hosts")  # a stopped worker withdraws its slots; make sure
 
-    def database_connections_by_process(self) -> dict[str, int]:
-        """TCP connections to PostgreSQL's port held by each of the stack's processes (their
-        children included), by name: where a growing pg_stat_activity count comes from."""
+    def database_connections_by_process(self) -> dict[str, list[int]]:
+        """TCP connections to PostgreSQL's port held by each OS process of each of the stack's
+        processes (a gunicorn master and its workers, say), by name: where a growing
+        pg_stat_activity count comes from."""
         port = make_url(self.database_url).port or 5432
         counts = {}
         for process in [*self.processes, *([self.worker] if self.worker else [])]:
             if process.popen is None or process.popen.poll() is not None:
                 continue
             main = psutil.Process(process.popen.pid)
-            counts[process.name] = sum(1 for member in [main, *main.children(recursive=True)]
-                                       for connection in member.net_connections("tcp")
-                                       if connection.raddr and connection.raddr.port == port)
+            counts[process.name] = [sum(1 for connection in member.net_connections("tcp")
+                                        if connection.raddr and connection.raddr.port == port)
+                                    for member in [main, *main.children(recursive=True)]]
         return counts
 
     def worker_processes(self) -> list[psutil.Process]:
