@@ -40,7 +40,9 @@ WEB_THREADS = 16
 
 
 class BenchStack:
-    def __init__(self, settings: dict, generator_env: dict, concurrency: int = 3, redis_db: int = 13,
+    # Redis index 12 by default: the test suite's isolated stacks take 13 (tests/isolated.py),
+    # and a bench worker there would take their attempt messages (and they ours).
+    def __init__(self, settings: dict, generator_env: dict, concurrency: int = 3, redis_db: int = 12,
                  attempts_worker: bool = True, generator_threads: int = 32):
         self.work = Path(tempfile.mkdtemp(prefix="renderq-bench-"))
         base_db = os.environ.get("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
