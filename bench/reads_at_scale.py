@@ -49,7 +49,7 @@ _SEED_USERS = """
 _SEED_PENDING = """
     INSERT INTO jobs (id, user_id, kind, params, price, status, attempts, retry_count, fair_tag, created_at, updated_at)
     SELECT gen_random_uuid(), %(first_user)s + i %% %(users)s, 'image.generate', '{"style": "sepia", "prompt": ""}',
-           2, 'pending', 0, 0, i * 1000000, now() - (%(pending)s - i) * interval '10 ms', now()
+           2, 'pending', 0, 0, i::bigint * 1000000, now() - (%(pending)s - i) * interval '10 ms', now()
       FROM generate_series(1, %(pending)s::int) AS i
 """
 # A few of every other active status, so that the sweeps' queries have something to find.
@@ -355,6 +355,11 @@ def explain_code_paths(stack: BenchStack, app: Any, first_user: int) -> list[Row
             assert response.status_code == 200, (path, response.status_code, response.get_data()[:200])
         return run
 
+    def submit() -> None:
+        response = client.post("/api/jobs", json={"kind": "image.generate", "params": {"style": "sepia", "prompt": ""}},
+                               headers={"Authorization": "Bearer " + owner})
+        assert response.status_code == 202, (response.status_code, response.get_data()[:200])
+
     def renew_leases() -> None:
         keeper = workers.ProcessKeeper(app, f"bench-explain/{uuid.uuid4().hex[:6]}", 0, "none")
         keeper.leases.update(leases)
@@ -367,6 +372,7 @@ def explain_code_paths(stack: BenchStack, app: Any, first_user: int) -> list[Row
         "GET /api/jobs/{id} (pending)": get(f"/api/jobs/{last_pending[0]}", owner),
         "GET /api/queue/stats": get("/api/queue/stats", owner),
         "GET /metrics": get("/metrics"),
+        "POST /api/jobs (a submission; no worker slots, so nothing is dispatched)": submit,
         "background processor": in_app(maintenance.process_background),
         "reconciler": in_app(maintenance.reconcile),
         "cleanup": in_app(maintenance.cleanup),

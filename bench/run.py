@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -525,19 +526,27 @@ def main() -> None:
     runs = args.runs or (1 if args.quick else 3)
     goals = {int(goal) for goal in args.goals.split(",")}
     started = time.monotonic()
+    measured = {
+        1: lambda: goal_pipeline(sizes, runs, args.profile_worker),
+        2: lambda: goal_submit(sizes, runs),
+        3: lambda: goal_width(sizes, runs),
+        4: lambda: reads_at_scale.run(sizes.seeded_rows, sizes.seeded_pending, sizes.seeded_users,
+                                      sizes.read_requests, REDIS_DB),
+        5: lambda: goal_steady(sizes),
+    }
     rows: list[Row] = []
-    if 1 in goals:
-        rows += goal_pipeline(sizes, runs, args.profile_worker)
-    if 2 in goals:
-        rows += goal_submit(sizes, runs)
-    if 3 in goals:
-        rows += goal_width(sizes, runs)
-    if 4 in goals:
-        rows += reads_at_scale.run(sizes.seeded_rows, sizes.seeded_pending, sizes.seeded_users, sizes.read_requests,
-                                   REDIS_DB)
-    if 5 in goals:
-        rows += goal_steady(sizes)
+    crashed = False
+    for goal in sorted(goals):
+        try:
+            rows += measured[goal]()
+        except Exception as error:  # noqa: BLE001 - one goal's failure still leaves the others' figures
+            traceback.print_exc()
+            rows.append(Row(str(goal), f"did not finish: {type(error).__name__}", str(error).splitlines()[0][:80],
+                            met=False))
+            crashed = True
     print_table(rows, time.monotonic() - started, args.quick, runs)
+    if crashed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
