@@ -218,6 +218,11 @@ class Explained:
     def execution_ms(self) -> float:
         return sum(plan["Execution Time"] for plan in self.plans)
 
+    @property
+    def jit_ms(self) -> float:
+        """Time PostgreSQL spent compiling the statement with JIT (counted in execution_ms)."""
+        return sum(plan.get("JIT", {}).get("Timing", {}).get("Total", 0.0) for plan in self.plans)
+
     def nodes(self) -> list[tuple[int, dict]]:
         found: list[tuple[int, dict]] = []
 
@@ -316,6 +321,9 @@ def print_plans(label: str, records: list[Explained]) -> None:
             say(f"      {'  ' * depth}{node['Node Type']}{' ' + target if target else ''}: "
                 f"{node.get('Actual Total Time', 0):.3f} ms, rows {node.get('Actual Rows')} x{node.get('Actual Loops')}, "
                 f"buffers hit {node.get('Shared Hit Blocks', 0)} read {node.get('Shared Read Blocks', 0)}")
+        if slowest.jit_ms:
+            say(f"      JIT: {slowest.jit_ms:.3f} ms compiling "
+                f"{sum(plan.get('JIT', {}).get('Functions', 0) for plan in slowest.plans)} function(s)")
         for plan in slowest.plans:
             for trigger in plan.get("Triggers", []):
                 say(f"      trigger {trigger['Trigger Name']}: {trigger['Time']:.3f} ms x{trigger['Calls']}")
@@ -396,6 +404,15 @@ def explain_code_paths(stack: BenchStack, app: Any, first_user: int) -> list[Row
                             if "count(*)" in record.statement and "fair_tag" in record.statement)
     say(f"\n  the job list page ran {len(explained['GET /api/users/{id}/jobs (first page)'])} statements, "
         f"{positions_in_list} of them queue_position counts (one per pending job on the page)")
+    for label in ("GET /api/jobs/{id} (pending)", "GET /api/queue/stats", "GET /metrics"):
+        records = [record for record in explained[label] if not record.error]
+        slowest = max(records, key=lambda record: record.execution_ms)
+        jit = sum(record.jit_ms for record in records)
+        rows.append(Row("4 reads", f"EXPLAIN {label}: {len(records)} statements",
+                        f"{sum(record.execution_ms for record in records):.2f} ms in all"
+                        + (f" ({jit:.1f} ms of it JIT)" if jit else "")
+                        + f"; slowest {slowest.execution_ms:.2f} ms: {_short(slowest.statement, 40)}",
+                        target="(none set)"))
     for label in ("background processor", "reconciler", "cleanup", "lease renewal (a worker's keeper)"):
         records = [record for record in explained[label] if not record.error]
         if not records:
