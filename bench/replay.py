@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--short-of", type=int, default=70, help="jobs of the second user its credit cannot cover")
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--redis-db", type=int, default=13)
+    parser.add_argument("--redis-db", type=int, default=12)
     args = parser.parse_args()
 
     settings = {"MAX_RETRIES": "0", "MAX_RETRY_ATTEMPTS": "0", "CONCURRENT_JOBS": str(args.concurrency),
