@@ -187,7 +187,7 @@ class IdempotencyKey(db.Model):
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[uuid.UUID]
-    created_at: Mapped[datetime] = _now_column()
+    created_at: Mapped[datetime] = _now_column(index=True)  # the cleanup deletes keys past their lifetime
 
 
 class JobAttempt(db.Model):

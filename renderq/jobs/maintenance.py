@@ -89,6 +89,8 @@ def purge_expired(ttl_seconds: int) -> int:
     stay (they are the record of what was charged and said)."""
     store = storage.storage()
     cutoff = func.now() - timedelta(seconds=ttl_seconds)
+    db.session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < func.now() - idempotency.KEY_LIFETIME))
+    db.session.commit()
     purged = 0
     while True:
         rows = db.session.execute(
@@ -98,7 +100,6 @@ def purge_expired(ttl_seconds: int) -> int:
         photo_ids = {row.photo_id for row in rows if row.photo_id}
         orphans = photo_ids - set(db.session.execute(select(Job.photo_id).where(Job.photo_id.in_(photo_ids))).scalars())
         photos = db.session.execute(delete(Photo).where(Photo.id.in_(orphans)).returning(Photo.path)).scalars().all()
-        db.session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < func.now() - idempotency.KEY_LIFETIME))
         keys = [row.result_path for row in rows if row.result_path] + list(photos)
         if store.transactional:
             store.delete(keys)
