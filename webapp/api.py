@@ -21,7 +21,7 @@ from webapp import headers
 from webapp.auth import ensure_owner_or_admin, login_required
 from webapp.errors import ApiError
 from webapp.paging import MAX_ID, filtered_by_status, page_of_jobs
-from webapp.resources import job_resource, locale_of
+from webapp.resources import job_resource, job_resources, locale_of
 
 blueprint = Blueprint("api", __name__)
 
@@ -154,7 +154,7 @@ def list_user_jobs(user_id: int) -> Response:
     if kind:
         query = query.where(Job.kind == submit.resolve_kind(kind, default=kind).name)
     locale = locale_of(g.user, settings().default_locale)
-    return jsonify(page_of_jobs(query, lambda job: job_resource(job, locale), request.args.get("limit"),
+    return jsonify(page_of_jobs(query, lambda jobs: job_resources(jobs, locale), request.args.get("limit"),
                                 request.args.get("cursor")))
 
 

@@ -15,7 +15,7 @@ from renderq.runtime import settings
 from webapp.api import job_json, visible_job
 from webapp.auth import admin_required, login_required
 from webapp.paging import MAX_ID, filtered_by_status, page_of_jobs, whole_number
-from webapp.resources import iso, job_resource, locale_of
+from webapp.resources import iso, job_resources, locale_of
 
 blueprint = Blueprint("monitoring", __name__)
 
@@ -62,10 +62,11 @@ def background_stats() -> Response:
     return jsonify({"user_id": user_id, **stats.background(user_id)})
 
 
-def _internal(job: Job, locale: str) -> dict:
-    return {**job_resource(job, locale), "error_code": job.error_code, "error_detail": job.error_detail,
-            "lease_expires_at": iso(job.lease_expires_at), "dispatched_at": iso(job.dispatched_at),
-            "worker_host": job.worker_host, "generation": job.generation}
+def _internal(jobs: list[Job], locale: str) -> list[dict]:
+    return [{**public, "error_code": job.error_code, "error_detail": job.error_detail,
+             "lease_expires_at": iso(job.lease_expires_at), "dispatched_at": iso(job.dispatched_at),
+             "worker_host": job.worker_host, "generation": job.generation}
+            for job, public in zip(jobs, job_resources(jobs, locale))]
 
 
 @blueprint.get("/api/admin/api-requests")
@@ -76,7 +77,7 @@ def api_requests() -> Response:
     if user_id is not None:
         query = query.where(Job.user_id == user_id)
     locale = locale_of(g.user, settings().default_locale)
-    return jsonify(page_of_jobs(query, lambda job: _internal(job, locale), request.args.get("limit"),
+    return jsonify(page_of_jobs(query, lambda jobs: _internal(jobs, locale), request.args.get("limit"),
                                 request.args.get("cursor")))
 
 

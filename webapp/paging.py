@@ -48,9 +48,11 @@ def filtered_by_status(query: Select, status: Optional[str]) -> Select:
     return query.where(Job.status == status)
 
 
-def page_of_jobs(query: Select, render: Callable[[Job], dict], limit: Optional[str], cursor: Optional[str]) -> dict:
-    """One page of `query`'s jobs, newest first, each through `render`, and the cursor of the
-    next page (or None). `limit` and `cursor` are the raw query parameters."""
+def page_of_jobs(query: Select, render: Callable[[list[Job]], list[dict]], limit: Optional[str],
+                 cursor: Optional[str]) -> dict:
+    """One page of `query`'s jobs, newest first, through `render` (the page at once, so that it
+    can read what every job needs in one statement), and the cursor of the next page (or None).
+    `limit` and `cursor` are the raw query parameters."""
     size = whole_number(limit or str(DEFAULT_LIMIT), "limit", 1, MAX_LIMIT)
     if cursor:
         created_at, job_id = _decode(cursor)
@@ -58,4 +60,4 @@ def page_of_jobs(query: Select, render: Callable[[Job], dict], limit: Optional[s
     rows: list[Any] = list(db.session.execute(
         query.order_by(Job.created_at.desc(), Job.id.desc()).limit(size + 1)).scalars())
     next_cursor = _encode(rows[size - 1]) if len(rows) > size else None
-    return {"items": [render(job) for job in rows[:size]], "next_cursor": next_cursor}
+    return {"items": render(rows[:size]), "next_cursor": next_cursor}
