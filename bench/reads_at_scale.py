@@ -141,7 +141,7 @@ class Seeder:
         if past_ttl:
             self.finished(past_ttl, age="2 days", spread="1 hour")
         self.finished(total - self.seeded)
-        for table in ("jobs", "job_attempts", "users"):
+        for table in ("jobs", "job_attempts", "users", "idempotency_keys"):
             self.stack.execute(f"VACUUM (ANALYZE) {table}")
         say(f"  seeded {self.seeded} jobs in {time.monotonic() - started:.0f} s (vacuumed and analyzed)")
 
