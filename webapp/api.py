@@ -76,7 +76,7 @@ def _accepted(job: Job) -> Response:
     with job_logging(job.id):  # the answer's statements belong to the job too (in logs and traces)
         wait = headers.prefer_wait()
         if wait and job.status not in TERMINAL_STATUSES:
-            with headers.waiting_room() as admitted:  # past the bound: an immediate 202
+            with headers.waiting_room.enter() as admitted:  # past the bound: an immediate 202
                 if admitted:
                     job_id, user_id = job.id, g.user.id
                     events.wait_until_terminal(job_id, wait, lambda: _status_without_a_connection(job_id))

@@ -8,17 +8,16 @@ holds one of its threads); past that the answer is 503 and the client polls inst
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 import time
-from typing import Iterator, Optional
+from typing import Iterator
 
 from flask import Blueprint, Response, g, request, stream_with_context
 
 from renderq import events
 from renderq.db import db
 from renderq.runtime import settings
+from webapp.admission import Admission
 from webapp.api import visible_job
 from webapp.auth import login_required
 from webapp.errors import ApiError
@@ -28,22 +27,8 @@ blueprint = Blueprint("events", __name__)
 
 STREAM_SECONDS = 300  # then the client reconnects with Last-Event-ID and loses nothing
 
-_streams: Optional[threading.BoundedSemaphore] = None
-_streams_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _stream_slot() -> Iterator[bool]:
-    global _streams
-    with _streams_lock:
-        if _streams is None:
-            _streams = threading.BoundedSemaphore(settings().max_event_streams)
-    admitted = _streams.acquire(blocking=False)
-    try:
-        yield admitted
-    finally:
-        if admitted:
-            _streams.release()
+# At most MAX_EVENT_STREAMS open streams per process.
+_streams = Admission(lambda config: config.max_event_streams)
 
 
 def _event(event_id: str, resource: dict) -> str:
@@ -62,7 +47,7 @@ def job_events(job_id: str) -> Response:
     db.session.close()  # nothing below touches the database
 
     def stream() -> Iterator[str]:
-        with _stream_slot() as admitted:
+        with _streams.enter() as admitted:
             if not admitted:
                 raise ApiError(503, "TOO_MANY_STREAMS", "This server is serving as many event streams as it "
                                                         "can; poll GET /api/jobs/{id} instead.")

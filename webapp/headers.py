@@ -1,15 +1,13 @@
 """Request headers the submissions understand: `Idempotency-Key` and `Prefer: wait=N`."""
 from __future__ import annotations
 
-import contextlib
 import re
-import threading
-from typing import Iterator, Optional
+from typing import Optional
 
 from flask import request
 
 from renderq.jobs.submit import check_idempotency_key
-from renderq.runtime import settings
+from webapp.admission import Admission
 from webapp.errors import ApiError
 
 MAX_WAIT_SECONDS = 30
@@ -35,21 +33,5 @@ def prefer_wait() -> Optional[float]:
     return seconds
 
 
-_waiters: Optional[threading.BoundedSemaphore] = None
-_waiters_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def waiting_room() -> Iterator[bool]:
-    """Whether this request may hold its answer: at most MAX_WAITING_REQUESTS per process do at
-    once, so waiting requests can never take every thread of a web process from other users."""
-    global _waiters
-    with _waiters_lock:
-        if _waiters is None:
-            _waiters = threading.BoundedSemaphore(settings().max_waiting_requests)
-    admitted = _waiters.acquire(blocking=False)
-    try:
-        yield admitted
-    finally:
-        if admitted:
-            _waiters.release()
+# At most MAX_WAITING_REQUESTS requests per process hold their answer at once.
+waiting_room = Admission(lambda config: config.max_waiting_requests)
