@@ -26,7 +26,7 @@ from renderq.generator.errors import (
     SafetyBlock,
     classify_exception,
 )
-from renderq.jobs import lifecycle, policy, scheduler
+from renderq.jobs import lease, lifecycle, policy, scheduler
 from renderq.jobs.lifecycle import AttemptRecord, Claim
 from renderq.logs import job_logging
 from renderq.runtime import settings
@@ -59,6 +59,10 @@ def _attempt(claim: Claim, config: Settings) -> None:
     with workers.lease_keeper().holding(claim.token):
         try:
             image = _call_generator(claim, config)
+        except LeaseLost:
+            log.info("📋 [QUEUE] job %s was recovered while this attempt stalled before its call; it steps aside",
+                     claim.job_id)
+            return
         except Exception as error:
             failure = classify_exception(error)
             if failure is None:
@@ -70,12 +74,18 @@ def _attempt(claim: Claim, config: Settings) -> None:
         _while_the_database_returns(lambda: _record_success(claim, image, attempt, config), config)
 
 
+class LeaseLost(Exception):
+    """The claim was recovered before the generator call: the call would belong to no attempt."""
+
+
 def _call_generator(claim: Claim, config: Settings) -> bytes:
     image = None
     if get_kind(claim.kind).needs_photo and claim.photo_key is not None:
         data = claim.photo if claim.photo is not None else storage.storage().get(claim.photo_key)
         image = (os.path.basename(claim.photo_key), data)
     db.session.rollback()  # no transaction stays open across the slow call
+    if not lease.surely_held(claim, config.job_lease_seconds):
+        raise LeaseLost()
     return client.render(config.generator_url, str(claim.job_id), claim.kind, claim.params, claim.safety_agreed, image)
 
 

@@ -2,6 +2,8 @@
 reconciler can tell a dead worker (lease expired) from a slow generator (lease renewed)."""
 from __future__ import annotations
 
+import time
+
 from sqlalchemy import and_, func, select
 
 from renderq.db import db
@@ -19,6 +21,21 @@ def expired_claims() -> list[Claim]:
     ).all()
     db.session.rollback()
     return [claim_from(row, row.lease_token) for row in rows]
+
+
+def still_held(claim: Claim) -> bool:
+    """Whether the claim is still this attempt's and its lease has not run out."""
+    held = db.session.execute(select(Job.id).where(Job.id == claim.job_id, claim.holds(),
+                                                   Job.lease_expires_at > func.now())).first() is not None
+    db.session.rollback()
+    return held
+
+
+def surely_held(claim: Claim, lease_seconds: float) -> bool:
+    """Whether the attempt may still call the generator. Right after the claim the lease cannot
+    have run out, so no query is needed; a process that stalled (SIGSTOP, swapping) for half the
+    lease may have been recovered meanwhile and must ask, or its call would belong to no attempt."""
+    return time.monotonic() - claim.taken_at < lease_seconds / 2 or still_held(claim)
 
 
 def still_expired(claim: Claim) -> object:

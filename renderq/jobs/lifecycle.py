@@ -10,8 +10,9 @@ in one transaction.
 """
 from __future__ import annotations
 
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional
 
@@ -22,6 +23,8 @@ from sqlalchemy import (
     bindparam,
     column,
     func,
+    insert,
+    literal,
     null,
     or_,
     select,
@@ -78,6 +81,8 @@ class Claim:
     safety_agreed: bool = False
     photo_key: Optional[str] = None
     photo: Optional[bytes] = None  # the photo's bytes, when the database holds them
+    # When this process got the claim, by its own clock: how long ago the lease was surely ours.
+    taken_at: float = field(default_factory=time.monotonic)
 
     def holds(self) -> Any:
         """SQL: the job is still this attempt's (not recovered, canceled or finished meanwhile)."""
@@ -123,8 +128,8 @@ def guarded_update(job_id: uuid.UUID, guard: Any, values: dict, returning: tuple
         update(Job).where(Job.id == job_id, guard).values(updated_at=func.now(), **values)
         .returning(*_with_snapshot(*returning))
         .execution_options(synchronize_session=False)).first()
-    if row is not None and attempt is not None:
-        _record(*attempt)
+    if attempt is not None:
+        (_record if row is not None else _record_if_latest)(*attempt)
     db.session.commit()
     events.record([row])
     return row
@@ -135,6 +140,22 @@ def _record(claim: Claim, attempt: AttemptRecord) -> None:
                               tier=policy.tier(claim.retry_count), outcome=attempt.outcome,
                               error_code=attempt.error_code, started_at=claim.started_at,
                               duration_ms=int(attempt.duration_seconds * 1000)))
+
+
+def _record_if_latest(claim: Claim, attempt: AttemptRecord) -> None:
+    """The record of an attempt that lost its claim while it ran (the job was canceled, or
+    recovered and not yet tried again): its generator call happened and belongs in the history,
+    unless a later attempt has started. A recovery that lost to a renewed lease records nothing:
+    the attempt it took for lost is alive."""
+    if attempt.outcome == AttemptOutcome.LOST:
+        return
+    record = {"job_id": claim.job_id, "number": claim.attempts, "kind": claim.kind,
+              "tier": policy.tier(claim.retry_count), "outcome": attempt.outcome, "error_code": attempt.error_code,
+              "started_at": claim.started_at, "duration_ms": int(attempt.duration_seconds * 1000)}
+    db.session.execute(insert(JobAttempt).from_select(
+        list(record), select(*(literal(value, type_=JobAttempt.__table__.c[name].type).label(name)
+                               for name, value in record.items()))
+        .where(Job.id == claim.job_id, Job.attempts == claim.attempts)))
 
 
 def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settings: Settings,
@@ -155,6 +176,9 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
     ).first()
     if won is None:
         db.session.rollback()
+        if attempt is not None:
+            _record_if_latest(*attempt)
+            db.session.commit()
         return None
     if attempt is not None:
         _record(*attempt)

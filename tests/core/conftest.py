@@ -53,13 +53,14 @@ def new_user(balance: int = 10) -> User:
     return user
 
 
-def new_job(user: User, status: Status = Status.PENDING, price: int = 1, hold: bool = True, **values: object) -> Job:
+def new_job(user: User, status: Status = Status.PENDING, price: int = 1, hold: bool = True,
+            kind: str = "photo.render", **values: object) -> Job:
     """A job row in `status`, its price held as a submission would."""
     job_id = uuid.uuid4()
     locked = billing.lock_user(user.id)
     if hold:
         billing.hold(locked, job_id, price)
-    job = Job(id=job_id, user_id=user.id, kind="photo.render", params={"style": "sepia", "prompt": ""},
+    job = Job(id=job_id, user_id=user.id, kind=kind, params={"style": "sepia", "prompt": ""},
               price=price, status=status, **values)
     db.session.add(job)
     db.session.commit()

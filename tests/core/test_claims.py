@@ -1,7 +1,10 @@
-"""Claims and leases, called directly: a recovery loses to a lease renewed in the meantime, and
-a background try that never started is sent again without spending the try."""
+"""Claims and leases, called directly: a recovery loses to a lease renewed in the meantime, a
+background try that never started is sent again without spending the try, and an attempt that
+wakes after its claim was recovered steps aside before it calls the generator."""
 from __future__ import annotations
 
+import dataclasses
+import time
 import uuid
 from datetime import timedelta
 
@@ -9,10 +12,11 @@ from sqlalchemy import text
 
 from renderq.db import db
 from renderq.enums import AttemptOutcome, Status
-from renderq.jobs import lease, lifecycle, scheduler
+from renderq.jobs import attempt, lease, lifecycle, scheduler
 from renderq.jobs.lifecycle import AttemptRecord
-from renderq.models import Job
+from renderq.models import Job, JobAttempt
 from renderq.runtime import settings
+from tests.conftest import generator_calls
 from tests.core.conftest import new_job, new_user
 
 
@@ -49,3 +53,74 @@ def test_a_background_try_that_never_started_is_sent_again_and_not_spent(ctx):
     row = db.session.get(Job, job.id, populate_existing=True)
     assert (row.status, row.retry_count, row.attempts) == (Status.PROCESSING, 2, 7)
     assert row.dispatch_token != claimed[0].dispatch_token  # a new message: the lost one's token is void
+
+
+def test_an_attempt_that_wakes_after_its_claim_was_recovered_does_not_call_the_generator(ctx, generator):
+    """The worker froze (SIGSTOP, a long GC pause) between its claim and its generator call, for
+    longer than the lease: the reconciler recovered the job meanwhile. The call it would make now
+    belongs to no attempt (the next one is the job's), so it makes none and writes nothing."""
+    config = dataclasses.replace(settings(), generator_url=generator, job_lease_seconds=30)
+    job = new_job(new_user(), Status.PENDING, kind="image.generate", dispatch_token=uuid.uuid4())
+    claim = lifecycle.claim(job.id, job.dispatch_token, config.job_lease_seconds, "test-host")
+    db.session.execute(text("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = :id"),
+                       {"id": job.id})
+    db.session.commit()
+    [expired] = [seen for seen in lease.expired_claims() if seen.job_id == job.id]
+    step, _ = lifecycle.record_transient_failure(expired, "WORKER_LOST", "lease expired",
+                                                 AttemptRecord(AttemptOutcome.LOST, "WORKER_LOST", 0), config,
+                                                 guard=lease.still_expired(expired))
+    assert step is not None and step.status == Status.RETRYING
+
+    woken = dataclasses.replace(claim, taken_at=time.monotonic() - config.job_lease_seconds - 1)
+    attempt._attempt(woken, config)
+
+    assert generator_calls(generator, str(job.id))["calls"] == 0
+    row = db.session.get(Job, job.id, populate_existing=True)
+    assert (row.status, row.attempts, row.lease_token) == (Status.RETRYING, 1, None)
+    history = db.session.query(JobAttempt.outcome).filter(JobAttempt.job_id == job.id).all()
+    assert [outcome for (outcome,) in history] == [AttemptOutcome.LOST]
+
+
+def test_an_attempt_still_holding_its_claim_after_a_long_pause_calls_the_generator(ctx, generator):
+    """The same pause, but no reconciler ran meanwhile: the claim is still the job's, so the
+    attempt goes on and its answer is recorded."""
+    config = dataclasses.replace(settings(), generator_url=generator, job_lease_seconds=30)
+    job = new_job(new_user(), Status.PENDING, kind="image.generate", dispatch_token=uuid.uuid4())
+    claim = lifecycle.claim(job.id, job.dispatch_token, config.job_lease_seconds, "test-host")
+    woken = dataclasses.replace(claim, taken_at=time.monotonic() - config.job_lease_seconds - 1)
+    attempt._attempt(woken, config)
+
+    assert generator_calls(generator, str(job.id))["calls"] == 1
+    row = db.session.get(Job, job.id, populate_existing=True)
+    assert (row.status, row.outcome, row.attempts) == (Status.COMPLETED, "succeeded", 1)
+
+
+def test_an_attempt_whose_job_was_canceled_mid_call_still_records_its_call(ctx, generator):
+    """The user canceled while the generator was answering: the job stays canceled (released,
+    not charged), and the call it already made is in the job's history, as every call is."""
+    config = dataclasses.replace(settings(), generator_url=generator)
+    job = new_job(new_user(), Status.PENDING, kind="image.generate", dispatch_token=uuid.uuid4())
+    claim = lifecycle.claim(job.id, job.dispatch_token, config.job_lease_seconds, "test-host")
+    assert lifecycle.cancel(job.id, config) is not None
+    attempt._attempt(claim, config)
+
+    assert generator_calls(generator, str(job.id))["calls"] == 1
+    row = db.session.get(Job, job.id, populate_existing=True)
+    assert (row.status, row.outcome, row.result_path) == (Status.CANCELED, None, None)
+    history = db.session.query(JobAttempt.number, JobAttempt.outcome).filter(JobAttempt.job_id == job.id).all()
+    assert history == [(1, AttemptOutcome.SUCCEEDED)]
+
+
+def test_a_recovered_attempt_records_no_call_once_the_next_attempt_has_started(ctx, generator):
+    """The late attempt's record would sit beside the next attempt's: the next one owns the job."""
+    config = dataclasses.replace(settings(), generator_url=generator)
+    job = new_job(new_user(), Status.PENDING, kind="image.generate", dispatch_token=uuid.uuid4())
+    claim = lifecycle.claim(job.id, job.dispatch_token, config.job_lease_seconds, "test-host")
+    db.session.execute(text("UPDATE jobs SET status = 'pending', dispatch_token = :ticket, lease_token = NULL "
+                            "WHERE id = :id"), {"id": job.id, "ticket": job.dispatch_token})
+    db.session.commit()
+    assert lifecycle.claim(job.id, job.dispatch_token, config.job_lease_seconds, "test-host") is not None
+    attempt._attempt(claim, config)
+
+    history = db.session.query(JobAttempt.number).filter(JobAttempt.job_id == job.id).all()
+    assert history == []
