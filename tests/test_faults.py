@@ -58,3 +58,42 @@ def test_a_publish_that_fails_leaves_the_job_pending_for_the_reconciler(app, cli
     # (the job may already be running: any process may send a waiting job's message)
     job = wait_terminal(client, token, response.get_json()["id"])
     assert (job["status"], job["attempts"]) == ("completed", 1)
+
+
+def test_a_database_error_that_is_a_bug_is_not_retried_in_place(app, client, user, stack, generator):
+    """Recording the first attempt's answer hits an error that waiting cannot cure (here a
+    trigger that raises, as a bug or a broken migration would): the attempt gives up at once
+    instead of retrying it, its lease lapses, and the job is recovered and run again, charged once."""
+    from sqlalchemy import text
+
+    from renderq.db import db
+
+    marker = "probe-%d" % time.monotonic_ns()
+    with app.app_context():
+        db.session.execute(text("""
+            CREATE FUNCTION refuse_first_answer() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.number = 1 AND NEW.outcome <> 'lost' AND EXISTS (SELECT 1 FROM jobs WHERE id = NEW.job_id
+                                              AND params->>'prompt' = '%s') THEN
+                    RAISE EXCEPTION 'refused by the test';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_first_answer BEFORE INSERT ON job_attempts
+                FOR EACH ROW EXECUTE FUNCTION refuse_first_answer();""" % marker))
+        db.session.commit()
+    try:
+        _, token = user
+        before = client.get("/api/me", headers={"Authorization": "Bearer " + token}).get_json()["balance"]
+        job_id = upload(client, token, prompt=marker).get_json()["id"]
+        job = wait_terminal(client, token, job_id, timeout=30)
+    finally:
+        with app.app_context():
+            db.session.execute(text("DROP TRIGGER refuse_first_answer ON job_attempts; "
+                                    "DROP FUNCTION refuse_first_answer()"))
+            db.session.commit()
+    assert (job["status"], job["outcome"], job["attempts"]) == ("completed", "succeeded", 2)
+    assert generator_calls(generator, job_id)["calls"] == 2
+    me = client.get("/api/me", headers={"Authorization": "Bearer " + token}).get_json()
+    assert before - me["balance"] == job["price"] and me["balance"] == me["available"]
+    assert "refused by the test" in stack.worker.log_path.read_text(errors="replace")
