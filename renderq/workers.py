@@ -114,8 +114,10 @@ def lease_keeper() -> ProcessKeeper:
 
 
 def stop_keeper() -> None:
+    global _keeper
     if keeper() is not None:
         keeper().stop()
+        _keeper = None
 
 
 def live() -> list[WorkerHost]:

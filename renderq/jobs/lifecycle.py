@@ -81,7 +81,7 @@ class Claim:
     safety_agreed: bool = False
     photo_key: Optional[str] = None
     photo: Optional[bytes] = None  # the photo's bytes, when the database holds them
-    # When this process got the claim, by its own clock: how long ago the lease was surely ours.
+    # When this process asked for the claim, by its own clock: the lease was surely ours since.
     taken_at: float = field(default_factory=time.monotonic)
 
     def holds(self) -> Any:
@@ -109,10 +109,11 @@ CLAIM_COLUMNS = (Job.kind, Job.user_id, Job.photo_id, Job.params, Job.attempts, 
                  Job.attempt_started_at)
 
 
-def claim_from(row: Any, token: uuid.UUID) -> Claim:
+def claim_from(row: Any, token: uuid.UUID, taken_at: Optional[float] = None) -> Claim:
     return Claim(row.id, token, row.kind, row.user_id, row.photo_id, row.params or {}, row.attempts,
                  row.retry_count, row.created_at, row.attempt_started_at or datetime.now(timezone.utc),
-                 getattr(row, "safety_agreed", False), getattr(row, "photo_key", None), getattr(row, "photo", None))
+                 getattr(row, "safety_agreed", False), getattr(row, "photo_key", None), getattr(row, "photo", None),
+                 time.monotonic() if taken_at is None else taken_at)
 
 
 def _with_snapshot(*columns: Any) -> tuple:
@@ -203,6 +204,9 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
     photo = (select(Blob.data).join(Photo, Photo.path == Blob.key).where(Photo.id == Job.photo_id)
              .scalar_subquery() if with_photo else null()).label("photo")
     background_try = and_(Job.status == Status.PROCESSING, Job.lease_token.is_(None))
+    # Before the statement: a process frozen while the claim is on the wire (committed, not yet
+    # read) must count that time against the lease, which started by the database's clock.
+    sent_at = time.monotonic()
     row = db.session.execute(
         update(Job).where(Job.id == job_id, Job.dispatch_token == ticket, or_(_leaves("claim"), background_try))
         .values(status=TRANSITIONS["claim"].target, attempts=Job.attempts + 1, lease_token=token,
@@ -216,7 +220,7 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
         .execution_options(synchronize_session=False)).first()
     db.session.commit()
     events.record([row])
-    return claim_from(row, token) if row else None
+    return claim_from(row, token, taken_at=sent_at) if row else None
 
 
 def claim_background_batch(limit: int, settings: Settings) -> list[Any]:

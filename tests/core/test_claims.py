@@ -8,8 +8,10 @@ import time
 import uuid
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import text
 
+from renderq import workers
 from renderq.db import db
 from renderq.enums import AttemptOutcome, Status
 from renderq.jobs import attempt, lease, lifecycle, scheduler
@@ -18,6 +20,13 @@ from renderq.models import Job, JobAttempt
 from renderq.runtime import settings
 from tests.conftest import generator_calls
 from tests.core.conftest import new_job, new_user
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_keeper_left_behind():
+    """The attempts run here start this process's lease keeper: stop it with the module."""
+    yield
+    workers.stop_keeper()
 
 
 def test_a_recovery_loses_to_a_lease_renewed_after_it_was_seen_expired(ctx):
@@ -124,3 +133,31 @@ def test_a_recovered_attempt_records_no_call_once_the_next_attempt_has_started(c
 
     history = db.session.query(JobAttempt.number).filter(JobAttempt.job_id == job.id).all()
     assert history == []
+
+
+def test_a_claims_clock_starts_before_its_statement(ctx, core_app):
+    """A process frozen while its claim is on the wire (committed by the database, not yet read)
+    must count that time against the lease: the claim's clock starts before it is sent. Here the
+    statement waits 1.5 s for a row lock another transaction holds, as it would for a freeze."""
+    import threading
+
+    from renderq.db import db as database
+
+    job = new_job(new_user(), Status.PENDING, dispatch_token=uuid.uuid4())
+    job_id, ticket = job.id, job.dispatch_token
+    blocker = database.engine.connect()
+    blocker.execute(text("SELECT 1 FROM jobs WHERE id = :id FOR UPDATE"), {"id": job_id})
+    claimed = []
+
+    def claim_in_another_thread() -> None:
+        with core_app.app_context():
+            claimed.append(lifecycle.claim(job_id, ticket, 30, "test-host"))
+
+    thread = threading.Thread(target=claim_in_another_thread)
+    thread.start()
+    time.sleep(1.5)
+    blocker.rollback()
+    blocker.close()
+    thread.join(10)
+    assert claimed and claimed[0] is not None
+    assert time.monotonic() - claimed[0].taken_at >= 1.5
