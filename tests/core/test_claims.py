@@ -161,3 +161,17 @@ def test_a_claims_clock_starts_before_its_statement(ctx, core_app):
     thread.join(10)
     assert claimed and claimed[0] is not None
     assert time.monotonic() - claimed[0].taken_at >= 1.5
+
+
+def test_an_attempts_record_spans_from_its_claim_to_its_outcome(ctx, generator):
+    """The history says when an attempt ran: from its claim (the row's started_at) for as long as
+    it took, its generator call included, however long the bookkeeping between the two (a slow
+    commit, Redis restarting) delayed the call."""
+    config = dataclasses.replace(settings(), generator_url=generator)
+    job = new_job(new_user(), Status.PENDING, kind="image.generate", dispatch_token=uuid.uuid4())
+    claim = lifecycle.claim(job.id, job.dispatch_token, config.job_lease_seconds, "test-host")
+    time.sleep(0.6)  # between the claim and the call
+    attempt._attempt(claim, config)
+
+    [(duration_ms,)] = db.session.query(JobAttempt.duration_ms).filter(JobAttempt.job_id == job.id).all()
+    assert duration_ms >= 600
