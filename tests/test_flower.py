@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 
+import psutil
 import requests
 
 from tests.conftest import upload, wait_terminal
@@ -32,6 +33,9 @@ def test_flower_needs_the_login_and_shows_attempts_by_kind(client, make_user, st
         assert requests.get(url + "/", auth=("ops", "wrong"), timeout=5).status_code == 401
         assert requests.get(url + "/metrics", timeout=5).status_code == 401  # Prometheus scrapes with the login
         assert requests.get(url + "/metrics", auth=CREDENTIALS, timeout=5).status_code == 200
+        started = psutil.Process(flower.popen.pid)  # the login comes from the environment: no process list shows it
+        assert not [process for process in [started, *started.children(recursive=True)]
+                    if CREDENTIALS[1] in " ".join(process.cmdline())]
 
         _, token = make_user()
         job_id = upload(client, token).get_json()["id"]
