@@ -55,7 +55,7 @@ def _attempt(claim: Claim, config: Settings) -> None:
     tier = policy.tier(claim.retry_count)
     log.info("🔧 [JOB_PROCESSOR] attempt %d of job %s (%s, %s)", claim.attempts, claim.job_id, claim.kind,
              "fast ladder" if tier is Tier.FAST else "background try %d" % claim.retry_count)
-    clock = claim.taken_at  # the record spans the attempt from its claim, whatever delayed the call
+    clock = claim.started  # the record spans the attempt from its claim, whatever delayed the call
     with workers.lease_keeper().holding(claim.token):
         try:
             image = _call_generator(claim, config)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional
 
@@ -83,6 +83,9 @@ class Claim:
     photo: Optional[bytes] = None  # the photo's bytes, when the database holds them
     # When this process asked for the claim, by its own clock: the lease was surely ours since.
     taken_at: float = field(default_factory=time.monotonic)
+    # When the claim's UPDATE answered, by the same clock: the attempt's record measures from it,
+    # so that it covers the call however long the commit after it or the wait before it took.
+    started: float = field(default_factory=time.monotonic)
 
     def holds(self) -> Any:
         """SQL: the job is still this attempt's (not recovered, canceled or finished meanwhile)."""
@@ -210,7 +213,8 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
     row = db.session.execute(
         update(Job).where(Job.id == job_id, Job.dispatch_token == ticket, or_(_leaves("claim"), background_try))
         .values(status=TRANSITIONS["claim"].target, attempts=Job.attempts + 1, lease_token=token,
-                lease_expires_at=func.now() + timedelta(seconds=lease_seconds), attempt_started_at=func.now(),
+                lease_expires_at=func.now() + timedelta(seconds=lease_seconds),
+                attempt_started_at=func.clock_timestamp(),  # after any wait for the row, unlike now()
                 started_at=func.coalesce(Job.started_at, func.now()), next_retry_at=None, dispatch_token=None,
                 worker_host=worker_host, updated_at=func.now())
         .returning(*_with_snapshot(*CLAIM_COLUMNS),
@@ -218,9 +222,10 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
                    .scalar_subquery().label("safety_agreed"),
                    photo_key.label("photo_key"), photo)
         .execution_options(synchronize_session=False)).first()
+    started = time.monotonic()
     db.session.commit()
     events.record([row])
-    return claim_from(row, token, taken_at=sent_at) if row else None
+    return replace(claim_from(row, token, taken_at=sent_at), started=started) if row else None
 
 
 def claim_background_batch(limit: int, settings: Settings) -> list[Any]:

@@ -156,11 +156,17 @@ def test_a_claims_clock_starts_before_its_statement(ctx, core_app):
     thread = threading.Thread(target=claim_in_another_thread)
     thread.start()
     time.sleep(1.5)
+    released = time.monotonic()
     blocker.rollback()
     blocker.close()
     thread.join(10)
     assert claimed and claimed[0] is not None
     assert time.monotonic() - claimed[0].taken_at >= 1.5
+    # the attempt's record starts when the claim took the row, not when it began to wait for it
+    assert claimed[0].started >= released
+    waited = db.session.execute(text("SELECT attempt_started_at - now() + make_interval(secs => :ago) FROM jobs "
+                                     "WHERE id = :id"), {"id": job_id, "ago": time.monotonic() - released}).scalar()
+    assert waited.total_seconds() > -0.1
 
 
 def test_an_attempts_record_spans_from_its_claim_to_its_outcome(ctx, generator):
