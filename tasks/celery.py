@@ -155,12 +155,7 @@ def _outlive_the_groups_sigterm() -> None:
 
 def _start_announcing(slots: int) -> None:
     workers.start_keeper(flask_app, _this_worker["hostname"], slots, _this_worker["pool"])
-    with flask_app.app_context():
-        try:
-            scheduler.dispatch()  # new slots: fill them now rather than at the next reconcile
-        except Exception:
-            db.session.rollback()
-            log.warning("📋 [QUEUE] could not dispatch on start; the reconciler will", exc_info=True)
+    scheduler.dispatcher(flask_app).ask()  # new slots: fill them now rather than at the next reconcile
 
 
 @worker_process_shutdown.connect

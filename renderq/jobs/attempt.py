@@ -48,7 +48,7 @@ def run_attempt(job_id: uuid.UUID, ticket: uuid.UUID, worker_host: str) -> None:
         try:
             _attempt(claim, config)
         finally:
-            _quietly(scheduler.dispatch)  # this attempt's slot is free for the next job
+            scheduler.dispatch_soon()  # this attempt's slot is free for the next job
 
 
 def _attempt(claim: Claim, config: Settings) -> None:
@@ -153,10 +153,3 @@ def _while_the_database_returns(record: Callable[[], T], config: Settings) -> T:
             log.warning("🔧 [JOB_PROCESSOR] the database is away; recording the outcome again shortly")
             time.sleep(0.5)
 
-
-def _quietly(action: Callable[[], object]) -> None:
-    try:
-        action()
-    except Exception:  # the reconciler dispatches on its own schedule anyway
-        db.session.rollback()
-        log.warning("📋 [QUEUE] could not dispatch the next job now", exc_info=True)

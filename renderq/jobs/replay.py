@@ -34,7 +34,7 @@ from renderq import billing, events
 from renderq.db import db
 from renderq.enums import EntryKind, Status
 from renderq.errors import Conflict, InsufficientCredits, InvalidInput, NotFound
-from renderq.jobs import lifecycle, scheduler, submit
+from renderq.jobs import lifecycle, scheduler
 from renderq.logs import job_logging
 from renderq.messages import INPUT_ERROR_CODES
 from renderq.models import Job, JobReplay, LedgerEntry, User
@@ -328,7 +328,7 @@ def _carry_out(plan: _Plan, spec: ReplayFilter, requested_by: str, admin_id: Opt
     for row in requeued:
         with job_logging(row.id):
             log.info("📋 [QUEUE] job %s replayed (replay %d, generation %d)", row.id, replay_id, row.generation)
-    submit.dispatch_soon()
+    scheduler.dispatch_soon()
     return ReplayReport(replay_id, False, spec, report.replayed, report.skipped, held, report.duration_ms, created_at)
 
 

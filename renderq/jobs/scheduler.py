@@ -17,21 +17,27 @@ waits for capacity does not spin through the broker.
   (GENERATOR_MAX_INFLIGHT − 1), so one user's burst always leaves room for somebody else.
 
 Every dispatch decision runs under one advisory lock, so two processes can never fill the
-same free slot; the tokens it hands out are checked when the attempt starts.
+same free slot; the tokens it hands out are checked when the attempt starts. A request or an
+attempt that frees or needs a slot only asks for a round (`dispatch_soon`): each process's
+dispatcher thread runs it, and one round serves every ask that came in while the last one ran,
+so neither the client's answer nor the next attempt waits for the lock.
 """
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
 
+from flask import Flask, current_app
 from sqlalchemy import Select, and_, func, or_, select, text, tuple_, union_all, update
 
 from config import Settings
 from config.kinds import longest_hard_time_limit
-from renderq import broker, events
+from renderq import broker, events, tracing
 from renderq.db import db
 from renderq.enums import AttemptOutcome, Status
 from renderq.jobs import lifecycle
@@ -163,16 +169,23 @@ def _pick(free: int, in_flight: dict[int, int], generator_cap: int) -> list[Any]
 
 def dispatch() -> int:
     """Send attempt messages to as many waiting jobs as there are free slots, fairest first;
-    returns how many were sent. Called whenever a slot may have come free or a job may have
-    become due: after a submission, after an attempt, when a retry's countdown ends, when a
-    worker starts, and by the reconciler."""
+    returns how many were sent. Runs whenever a slot may have come free or a job may have
+    become due: after a submission, after an attempt (both through `dispatch_soon`), when a
+    retry's countdown ends, when a worker starts, and by the reconciler."""
+    sent = _hand_out_slots()
+    _publish(sent)
+    return len(sent)
+
+
+def _hand_out_slots() -> list[Any]:
+    """The dispatch decision, committed: the tickets given to the jobs that get a slot."""
     config = settings()
     _lock()
     state = _state(config)
     rows = _pick(state.free, dict(state.in_flight), state.generator_cap) if state.waiting and state.free > 0 else []
     if not rows:
         db.session.rollback()
-        return 0
+        return []
     sent = db.session.execute(
         update(Job).where(Job.id.in_([row.id for row in rows]), or_(WAITING, DUE_RETRY))
         .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
@@ -181,8 +194,66 @@ def dispatch() -> int:
     db.session.execute(update(SchedulerClock).where(SchedulerClock.id == 1).values(
         fair_tag=func.greatest(SchedulerClock.fair_tag, max(row.fair_tag for row in rows))))
     db.session.commit()
-    _publish(sent)
-    return len(sent)
+    return sent
+
+
+class Dispatcher:
+    """This process's dispatch thread. `ask` returns at once; the thread runs one round for
+    all the asks made before it starts. A round that fails is left to the reconciler, which
+    dispatches every QUEUE_CHECK_INTERVAL anyway."""
+
+    def __init__(self, app: Flask):
+        self.app, self.pid = app, os.getpid()
+        self.asked = False
+        self.wanted = threading.Condition()
+        self.idle = threading.Event()  # set while no round runs or is asked for
+        self.idle.set()
+        self.thread = threading.Thread(target=self._run, name="renderq-dispatcher", daemon=True)
+        self.thread.start()
+
+    def ask(self) -> None:
+        with self.wanted:
+            self.asked = True
+            self.idle.clear()
+            self.wanted.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.wanted:
+                while not self.asked:
+                    self.idle.set()
+                    self.wanted.wait()
+                self.asked = False
+            self._round()
+
+    def _round(self) -> None:
+        with self.app.app_context():
+            try:
+                with tracing.untraced():  # the decision is nobody's trace; each message joins its job's
+                    sent = _hand_out_slots()
+                _publish(sent)
+            except Exception:
+                db.session.rollback()
+                log.warning("📋 [QUEUE] could not dispatch now; the reconciler will", exc_info=True)
+
+
+_dispatchers_lock = threading.Lock()
+
+
+def dispatcher(app: Optional[Flask] = None) -> Dispatcher:
+    """The dispatcher of this process for `app` (default: the current one); a forked child
+    starts its own, since threads do not survive a fork."""
+    app = app or current_app._get_current_object()
+    with _dispatchers_lock:
+        current = app.extensions.get("renderq.dispatcher")
+        if current is None or current.pid != os.getpid():
+            current = app.extensions["renderq.dispatcher"] = Dispatcher(app)
+        return current
+
+
+def dispatch_soon() -> None:
+    """Ask this process's dispatcher for a round: a job was queued or a slot came free."""
+    dispatcher().ask()
 
 
 def dispatch_background() -> int:

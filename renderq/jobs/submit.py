@@ -1,5 +1,5 @@
 """Accepting work: check the request, hold the price, store the photo, insert the job at its
-place in the fair queue, commit, then let the scheduler send it (never before the commit: a
+place in the fair queue, commit, then ask the scheduler to send it (never before the commit: a
 worker must find the row)."""
 from __future__ import annotations
 
@@ -92,17 +92,8 @@ def submit(user_id: int, kind: JobKind, params: dict, *,
             idempotency.remember(user.id, idempotency_key, digest, job_id)
         db.session.commit()
         tracing.mark_job(job_id)
-        log.info("📋 [QUEUE] job %s accepted (%s) for user %s", job.id, kind.name, user.id)
-        dispatch_soon()
+        log.info("📋 [QUEUE] job %s accepted (%s) for user %s", job_id, kind.name, user_id)
+        scheduler.dispatch_soon()
         db.session.refresh(job)
     return job
 
-
-def dispatch_soon() -> None:
-    """Let the scheduler fill free slots now; if the broker or the database refuses, the job
-    waits in the queue and the reconciler sends it (the client has its 202 either way)."""
-    try:
-        scheduler.dispatch()
-    except Exception:
-        db.session.rollback()
-        log.warning("📋 [QUEUE] could not dispatch now; the reconciler will", exc_info=True)
