@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterable
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import insert, select, text
 
 from renderq.db import db
 from renderq.enums import EntryKind
@@ -69,17 +69,24 @@ def hold_replays(users: dict[int, User], holds: list[ReplayHold]) -> int:
     return sum(entry.price for entry in holds)
 
 
-# The hold of the job's current generation (the caller's transaction has the job row).
+# The hold of the job's current generation (the caller's transaction has the job row) is
+# settled and the user's columns follow, in one statement.
 _SETTLE = text("""
-    INSERT INTO ledger_entries (user_id, job_id, generation, entry_type, amount)
-    SELECT h.user_id, h.job_id, h.generation, :entry_type, h.amount
-      FROM ledger_entries h JOIN jobs j ON j.id = h.job_id AND j.generation = h.generation
-     WHERE h.job_id = :job_id AND h.entry_type = :hold
-       AND NOT EXISTS (SELECT 1 FROM ledger_entries s
-                        WHERE s.job_id = h.job_id AND s.generation = h.generation
-                          AND s.entry_type IN (:capture, :release))
-    ON CONFLICT DO NOTHING
-    RETURNING user_id, amount
+    WITH settled AS (
+        INSERT INTO ledger_entries (user_id, job_id, generation, entry_type, amount)
+        SELECT h.user_id, h.job_id, h.generation, :entry_type, h.amount
+          FROM ledger_entries h JOIN jobs j ON j.id = h.job_id AND j.generation = h.generation
+         WHERE h.job_id = :job_id AND h.entry_type = :hold
+           AND NOT EXISTS (SELECT 1 FROM ledger_entries s
+                            WHERE s.job_id = h.job_id AND s.generation = h.generation
+                              AND s.entry_type IN (:capture, :release))
+        ON CONFLICT DO NOTHING
+        RETURNING user_id, amount
+    )
+    UPDATE users SET held = users.held - settled.amount, balance = users.balance - settled.amount * :charged
+      FROM settled
+     WHERE users.id = settled.user_id
+    RETURNING users.id
 """)
 
 
@@ -87,14 +94,9 @@ def settle(job_id: uuid.UUID, entry_type: EntryKind) -> bool:
     """Capture or release the hold of the job's current generation, once; False if it was
     already settled (or never held)."""
     assert entry_type in (EntryKind.CAPTURE, EntryKind.RELEASE)
-    row = db.session.execute(_SETTLE, {"job_id": job_id, "entry_type": entry_type, "hold": EntryKind.HOLD,
-                                       "capture": EntryKind.CAPTURE, "release": EntryKind.RELEASE}).first()
-    if row is None:
-        return False
-    charged = row.amount if entry_type == EntryKind.CAPTURE else 0
-    db.session.execute(update(User).where(User.id == row.user_id).values(
-        held=User.held - row.amount, balance=User.balance - charged))
-    return True
+    return db.session.execute(_SETTLE, {
+        "job_id": job_id, "entry_type": entry_type, "charged": int(entry_type == EntryKind.CAPTURE),
+        "hold": EntryKind.HOLD, "capture": EntryKind.CAPTURE, "release": EntryKind.RELEASE}).first() is not None
 
 
 def top_up(user: User, amount: int) -> None:

@@ -41,8 +41,9 @@ class PostgresStorage:
     transactional = True
 
     def put(self, key: str, data: bytes) -> None:
-        db.session.execute(insert(Blob).values(key=key, data=data)
-                           .on_conflict_do_update(index_elements=[Blob.key], set_={"data": data}))
+        statement = insert(Blob).values(key=key, data=data)
+        db.session.execute(statement.on_conflict_do_update(index_elements=[Blob.key],
+                                                           set_={"data": statement.excluded.data}))
 
     def get(self, key: str) -> bytes:
         data = db.session.execute(select(Blob.data).where(Blob.key == key)).scalar()

@@ -139,11 +139,14 @@ def guarded_update(job_id: uuid.UUID, guard: Any, values: dict, returning: tuple
     return row
 
 
+def _attempt_values(claim: Claim, attempt: AttemptRecord) -> dict:
+    return {"job_id": claim.job_id, "number": claim.attempts, "kind": claim.kind,
+            "tier": policy.tier(claim.retry_count), "outcome": attempt.outcome, "error_code": attempt.error_code,
+            "started_at": claim.started_at, "duration_ms": int(attempt.duration_seconds * 1000)}
+
+
 def _record(claim: Claim, attempt: AttemptRecord) -> None:
-    db.session.add(JobAttempt(job_id=claim.job_id, number=claim.attempts, kind=claim.kind,
-                              tier=policy.tier(claim.retry_count), outcome=attempt.outcome,
-                              error_code=attempt.error_code, started_at=claim.started_at,
-                              duration_ms=int(attempt.duration_seconds * 1000)))
+    db.session.execute(insert(JobAttempt).values(_attempt_values(claim, attempt)))
 
 
 def _record_if_latest(claim: Claim, attempt: AttemptRecord) -> None:
@@ -153,9 +156,7 @@ def _record_if_latest(claim: Claim, attempt: AttemptRecord) -> None:
     the attempt it took for lost is alive."""
     if attempt.outcome == AttemptOutcome.LOST:
         return
-    record = {"job_id": claim.job_id, "number": claim.attempts, "kind": claim.kind,
-              "tier": policy.tier(claim.retry_count), "outcome": attempt.outcome, "error_code": attempt.error_code,
-              "started_at": claim.started_at, "duration_ms": int(attempt.duration_seconds * 1000)}
+    record = _attempt_values(claim, attempt)
     db.session.execute(insert(JobAttempt).from_select(
         list(record), select(*(literal(value, type_=JobAttempt.__table__.c[name].type).label(name)
                                for name, value in record.items()))
