@@ -87,13 +87,14 @@ def submit(user_id: int, kind: JobKind, params: dict, *,
         job = Job(id=job_id, user_id=user.id, photo_id=photo.id if photo else None, kind=kind.name, params=params,
                   price=kind.price, fair_tag=scheduler.next_tag(user), trace_parent=tracing.current_traceparent())
         db.session.add(job)
+        db.session.flush()  # the INSERT returns the row's defaults: the answer needs no second read
         if idempotency_key:
-            db.session.flush()
             idempotency.remember(user.id, idempotency_key, digest, job_id)
+        for answered in (job, user):  # kept as written: the commit would expire them
+            db.session.expunge(answered)
         db.session.commit()
         tracing.mark_job(job_id)
         log.info("📋 [QUEUE] job %s accepted (%s) for user %s", job_id, kind.name, user_id)
         scheduler.dispatch_soon()
-        db.session.refresh(job)
     return job
 
