@@ -161,5 +161,6 @@ def _start_announcing(slots: int) -> None:
 @worker_process_shutdown.connect
 @worker_shutdown.connect
 def _stop_announcing(**_: object) -> None:
+    scheduler.finish_dispatching()  # a prefork child ends without atexit
     workers.stop_keeper()
     tracing.shutdown()  # export what is left: a pool child may end without running atexit

@@ -24,9 +24,11 @@ so neither the client's answer nor the next attempt waits for the lock.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -238,6 +240,7 @@ class Dispatcher:
 
 
 _dispatchers_lock = threading.Lock()
+_dispatchers: list[Dispatcher] = []  # a forked child inherits its parent's, which it tells by their pid
 
 
 def dispatcher(app: Optional[Flask] = None) -> Dispatcher:
@@ -247,8 +250,20 @@ def dispatcher(app: Optional[Flask] = None) -> Dispatcher:
     with _dispatchers_lock:
         current = app.extensions.get("renderq.dispatcher")
         if current is None or current.pid != os.getpid():
+            if not any(other.pid == os.getpid() for other in _dispatchers):
+                atexit.register(finish_dispatching)
             current = app.extensions["renderq.dispatcher"] = Dispatcher(app)
+            _dispatchers.append(current)
         return current
+
+
+def finish_dispatching(timeout: float = 5) -> None:
+    """Let the rounds this process has asked for end before it exits: a round cut short would
+    leave its jobs to the reconciler, seconds later."""
+    deadline = time.monotonic() + timeout
+    for each in list(_dispatchers):
+        if each.pid == os.getpid():
+            each.idle.wait(max(0.0, deadline - time.monotonic()))
 
 
 def dispatch_soon() -> None:
