@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import uuid
+from types import SimpleNamespace
 from typing import Any, Iterator, Optional, Union
 
 from flask import Flask
@@ -128,7 +129,27 @@ def _celery_instrumentor() -> Any:
     class RenderqCeleryInstrumentor(CeleryInstrumentor):
         """The maintained instrumentation, but publishing is traced the same way whether or not
         this process defines the task: the web sends attempts by name, and for a task it does
-        not know the upstream handler leaves its producer span open and current forever."""
+        not know the upstream handler leaves its producer span open and current forever. And a
+        run's span is kept by task id and thread: every message of a job has the job's id as its
+        task id, and the upstream key (the task id alone) let a countdown message finishing in
+        one thread end the span of the attempt it had just dispatched in another."""
+
+        def _trace_prerun(self, *args: Any, **kwargs: Any) -> None:
+            super()._trace_prerun(*args, **_run_keyed(kwargs))
+
+        def _trace_postrun(self, *args: Any, **kwargs: Any) -> None:
+            super()._trace_postrun(*args, **_run_keyed(kwargs))
+
+        @staticmethod
+        def _trace_failure(*args: Any, **kwargs: Any) -> None:
+            CeleryInstrumentor._trace_failure(*args, **_run_keyed(kwargs))
+
+        @staticmethod
+        def _trace_retry(*args: Any, **kwargs: Any) -> None:
+            request = kwargs.get("request")
+            if request is not None:
+                kwargs = {**kwargs, "request": SimpleNamespace(id=_run_key(request.id))}
+            CeleryInstrumentor._trace_retry(*args, **kwargs)
 
         def _trace_before_publish(self, *args: Any, **kwargs: Any) -> None:
             headers, name = kwargs.get("headers"), kwargs.get("sender")
@@ -147,6 +168,14 @@ def _celery_instrumentor() -> Any:
             _end_publish_span(failed=False)
 
     return RenderqCeleryInstrumentor()
+
+
+def _run_key(task_id: Optional[str]) -> Optional[str]:
+    return None if task_id is None else "%s@%d" % (task_id, threading.get_ident())
+
+
+def _run_keyed(kwargs: dict) -> dict:
+    return {**kwargs, "task_id": _run_key(kwargs.get("task_id"))}
 
 
 def _end_publish_span(failed: bool) -> None:

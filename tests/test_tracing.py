@@ -372,3 +372,57 @@ def test_the_variables_that_turn_traces_on(variables: dict, exporter: str, endpo
 def test_a_tracing_variable_renderq_cannot_use_stops_it_at_start_up(name: str, value: str):
     with pytest.raises(ConfigError, match=name):
         load_settings({name: value})
+
+
+def test_two_runs_of_one_task_id_at_once_each_end_their_own_span():
+    """Every message of a job shares its task id (a cancel revokes them all): a countdown
+    message still finishing in one thread while the attempt it dispatched starts in another
+    must not end the attempt's span."""
+    import threading
+
+    from celery import Celery, signals
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from renderq import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumentor = tracing._celery_instrumentor()
+    instrumentor.instrument(tracer_provider=provider)
+    try:
+        app = Celery("overlap", set_as_current=False)
+
+        @app.task(name="renderq.jobs.attempt", shared=False)
+        def attempt_task() -> None:
+            pass
+
+        app.finalize()
+        task = app.tasks["renderq.jobs.attempt"]
+        started, first_ended = threading.Event(), threading.Event()
+        ended_early: list[int] = []
+
+        def countdown() -> None:
+            signals.task_prerun.send(sender=task, task_id="job-1", task=task, args=(), kwargs={})
+            started.wait(5)
+            signals.task_postrun.send(sender=task, task_id="job-1", task=task, args=(), kwargs={}, retval=None)
+            first_ended.set()
+
+        def attempt() -> None:
+            signals.task_prerun.send(sender=task, task_id="job-1", task=task, args=(), kwargs={})
+            started.set()
+            first_ended.wait(5)
+            ended_early.append(len(exporter.get_finished_spans()) - 1)  # any but the countdown's
+            signals.task_postrun.send(sender=task, task_id="job-1", task=task, args=(), kwargs={}, retval=None)
+
+        threads = [threading.Thread(target=countdown), threading.Thread(target=attempt)]
+        threads[0].start()
+        threads[1].start()
+        for thread in threads:
+            thread.join(10)
+        assert ended_early == [0], "the attempt's span ended with the countdown's"
+        assert len(exporter.get_finished_spans()) == 2
+    finally:
+        instrumentor.uninstrument()
