@@ -55,7 +55,6 @@ def _attempt(claim: Claim, config: Settings) -> None:
     tier = policy.tier(claim.retry_count)
     log.info("🔧 [JOB_PROCESSOR] attempt %d of job %s (%s, %s)", claim.attempts, claim.job_id, claim.kind,
              "fast ladder" if tier is Tier.FAST else "background try %d" % claim.retry_count)
-    clock = claim.started  # the record spans the attempt from its claim, whatever delayed the call
     with workers.lease_keeper().holding(claim.token):
         try:
             image = _call_generator(claim, config)
@@ -67,10 +66,10 @@ def _attempt(claim: Claim, config: Settings) -> None:
             failure = classify_exception(error)
             if failure is None:
                 raise  # a bug, not the generator: the lease expires and the reconciler recovers the job
-            attempt = AttemptRecord(failure.outcome, failure.code, time.monotonic() - clock)
+            attempt = AttemptRecord(failure.outcome, failure.code)
             _while_the_database_returns(lambda: _record_failure(claim, failure, attempt, config), config)
             return
-        attempt = AttemptRecord(AttemptOutcome.SUCCEEDED, None, time.monotonic() - clock)
+        attempt = AttemptRecord(AttemptOutcome.SUCCEEDED, None)
         _while_the_database_returns(lambda: _record_success(claim, image, attempt, config), config)
 
 

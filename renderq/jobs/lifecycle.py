@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional
 
 from sqlalchemy import (
     BigInteger,
+    Integer,
     Uuid,
     and_,
     bindparam,
+    cast,
     column,
+    extract,
     func,
     insert,
     literal,
@@ -83,9 +86,6 @@ class Claim:
     photo: Optional[bytes] = None  # the photo's bytes, when the database holds them
     # When this process asked for the claim, by its own clock: the lease was surely ours since.
     taken_at: float = field(default_factory=time.monotonic)
-    # When the claim's UPDATE answered, by the same clock: the attempt's record measures from it,
-    # so that it covers the call however long the commit after it or the wait before it took.
-    started: float = field(default_factory=time.monotonic)
 
     def holds(self) -> Any:
         """SQL: the job is still this attempt's (not recovered, canceled or finished meanwhile)."""
@@ -97,7 +97,10 @@ class AttemptRecord:
     """How one generator call ended, for the attempt history written with its outcome."""
     outcome: AttemptOutcome
     error_code: Optional[str]
-    duration_seconds: float
+    # None: from the claim until the record is written, by the database's clock, so that the
+    # record spans the call whatever held the attempt up around it (a late answer to the claim,
+    # a slow commit, Redis restarting); the next attempt can only start after that commit.
+    duration_seconds: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -139,14 +142,27 @@ def guarded_update(job_id: uuid.UUID, guard: Any, values: dict, returning: tuple
     return row
 
 
-def _attempt_values(claim: Claim, attempt: AttemptRecord) -> dict:
-    return {"job_id": claim.job_id, "number": claim.attempts, "kind": claim.kind,
-            "tier": policy.tier(claim.retry_count), "outcome": attempt.outcome, "error_code": attempt.error_code,
-            "started_at": claim.started_at, "duration_ms": int(attempt.duration_seconds * 1000)}
+def _attempt_row(claim: Claim, attempt: AttemptRecord) -> dict[str, Any]:
+    """The attempt's history row, as SQL expressions by column."""
+    columns = JobAttempt.__table__.c
+    values = {"job_id": claim.job_id, "number": claim.attempts, "kind": claim.kind,
+              "tier": policy.tier(claim.retry_count), "outcome": attempt.outcome, "error_code": attempt.error_code,
+              "started_at": claim.started_at}
+    row: dict[str, Any] = {name: literal(value, type_=columns[name].type) for name, value in values.items()}
+    row["duration_ms"] = (
+        literal(int(attempt.duration_seconds * 1000)) if attempt.duration_seconds is not None
+        else cast(extract("epoch", func.clock_timestamp() - row["started_at"]) * 1000, Integer))
+    return row
 
 
-def _record(claim: Claim, attempt: AttemptRecord) -> None:
-    db.session.execute(insert(JobAttempt).values(_attempt_values(claim, attempt)))
+def _record(claim: Claim, attempt: AttemptRecord, only_if: Any = None, lock_job: bool = False) -> None:
+    row = _attempt_row(claim, attempt)
+    chosen = select(*(value.label(name) for name, value in row.items()))
+    if only_if is not None:
+        chosen = chosen.where(only_if)
+    if lock_job:  # a claim of the next attempt running now is waited for, then seen
+        chosen = chosen.with_for_update(of=Job)
+    db.session.execute(insert(JobAttempt).from_select(list(row), chosen))
 
 
 def _record_if_latest(claim: Claim, attempt: AttemptRecord) -> None:
@@ -156,11 +172,7 @@ def _record_if_latest(claim: Claim, attempt: AttemptRecord) -> None:
     the attempt it took for lost is alive."""
     if attempt.outcome == AttemptOutcome.LOST:
         return
-    record = _attempt_values(claim, attempt)
-    db.session.execute(insert(JobAttempt).from_select(
-        list(record), select(*(literal(value, type_=JobAttempt.__table__.c[name].type).label(name)
-                               for name, value in record.items()))
-        .where(Job.id == claim.job_id, Job.attempts == claim.attempts)))
+    _record(claim, attempt, only_if=and_(Job.id == claim.job_id, Job.attempts == claim.attempts), lock_job=True)
 
 
 def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settings: Settings,
@@ -223,10 +235,9 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
                    .scalar_subquery().label("safety_agreed"),
                    photo_key.label("photo_key"), photo)
         .execution_options(synchronize_session=False)).first()
-    started = time.monotonic()
     db.session.commit()
     events.record([row])
-    return replace(claim_from(row, token, taken_at=sent_at), started=started) if row else None
+    return claim_from(row, token, taken_at=sent_at) if row else None
 
 
 def claim_background_batch(limit: int, settings: Settings) -> list[Any]:
