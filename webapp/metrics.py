@@ -100,7 +100,7 @@ class RenderqCollector:
         for row in totals:
             if row.outcome != "lost":
                 sums[row.kind] = sums.get(row.kind, 0) + row.duration_ms / 1000
-        durations = HistogramMetricFamily("renderq_attempt_duration_seconds", "How long generator calls took",
+        durations = HistogramMetricFamily("renderq_attempt_duration_seconds", "How long attempts took, claim to recorded outcome",
                                           labels=["kind"])
         for kind, buckets in sorted(counters.attempt_buckets().items()):
             cumulative, series = 0, []
