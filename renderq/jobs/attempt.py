@@ -99,6 +99,9 @@ def _record_success(claim: Claim, image: bytes, attempt: AttemptRecord, config: 
                  claim.kind.upper().replace(".", "_"), claim.job_id, claim.attempts)
         broker.announce(finished)
         return
+    if lifecycle.result_of(claim.job_id) == key:  # this attempt won: the commit that said so went unanswered
+        log.info("📋 [QUEUE] job %s: this attempt's result was recorded before the database went away", claim.job_id)
+        return
     if not store.transactional:
         store.delete([key])  # this attempt's own key: never the result of the attempt that won
     log.info("📋 [QUEUE] job %s left this attempt's hands while it ran; its result is discarded", claim.job_id)

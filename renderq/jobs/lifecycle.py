@@ -169,10 +169,14 @@ def _record_if_latest(claim: Claim, attempt: AttemptRecord) -> None:
     """The record of an attempt that lost its claim while it ran (the job was canceled, or
     recovered and not yet tried again): its generator call happened and belongs in the history,
     unless a later attempt has started. A recovery that lost to a renewed lease records nothing:
-    the attempt it took for lost is alive."""
+    the attempt it took for lost is alive. Nor does an outcome recorded again because the commit
+    that recorded it went unanswered (the database crashed after making it durable)."""
     if attempt.outcome == AttemptOutcome.LOST:
         return
-    _record(claim, attempt, only_if=and_(Job.id == claim.job_id, Job.attempts == claim.attempts), lock_job=True)
+    recorded = select(JobAttempt.id).where(JobAttempt.job_id == claim.job_id, JobAttempt.number == claim.attempts,
+                                           JobAttempt.started_at == claim.started_at).exists()
+    _record(claim, attempt, only_if=and_(Job.id == claim.job_id, Job.attempts == claim.attempts, ~recorded),
+            lock_job=True)
 
 
 def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settings: Settings,
@@ -261,6 +265,13 @@ def succeed(claim: Claim, result_key: str, attempt: AttemptRecord, settings: Set
             on_win: Optional[Callable[[], None]] = None) -> Optional[Finished]:
     return _finish(claim.job_id, "succeed", claim.holds(), dict(
         outcome=Outcome.SUCCEEDED, result_path=result_key, error_code=None), settings, (claim, attempt), on_win)
+
+
+def result_of(job_id: uuid.UUID) -> Optional[str]:
+    """The key of the result the job was finished with, if any."""
+    key = db.session.execute(select(Job.result_path).where(Job.id == job_id)).scalar()
+    db.session.rollback()
+    return key
 
 
 def block(claim: Claim, block_reason: str, attempt: AttemptRecord, settings: Settings) -> Optional[Finished]:

@@ -207,3 +207,35 @@ def test_an_attempts_record_spans_its_call_when_the_claims_answer_came_late(ctx,
         "SELECT started_at, duration_ms FROM job_attempts WHERE job_id = :id"), {"id": job.id}).one()
     assert started_at < before_the_call
     assert started_at + timedelta(milliseconds=duration_ms) >= before_the_call
+
+
+def test_an_outcome_recorded_again_after_its_commit_went_unanswered_is_recorded_once(ctx):
+    """PostgreSQL crashed after the commit that recorded a transient failure was durable and
+    before its answer reached the worker, which records the outcome again once the database is
+    back: the job moved on the first time, and its history holds the attempt once."""
+    config = settings()
+    job = new_job(new_user(), Status.PENDING, dispatch_token=uuid.uuid4())
+    claim = lifecycle.claim(job.id, job.dispatch_token, config.job_lease_seconds, "test-host")
+    outcome = AttemptRecord(AttemptOutcome.TRANSIENT, "GENERATOR_BUSY")
+    first, _ = lifecycle.record_transient_failure(claim, "GENERATOR_BUSY", "busy", outcome, config)
+    again, _ = lifecycle.record_transient_failure(claim, "GENERATOR_BUSY", "busy", outcome, config)
+    assert (first is not None, again) == (True, None)
+    assert db.session.query(JobAttempt).filter(JobAttempt.job_id == job.id).count() == 1
+
+
+def test_a_success_recorded_again_after_its_commit_went_unanswered_keeps_its_result(ctx, tmp_path, monkeypatch):
+    """The same for a success, with a storage outside the database: the second recording finds
+    the job finished and must not delete the result the first one delivered (and charged)."""
+    from renderq import storage
+
+    monkeypatch.setattr(storage, "storage", lambda: storage.FilesystemStorage(str(tmp_path)))
+    config = settings()
+    job = new_job(new_user(), Status.PENDING, dispatch_token=uuid.uuid4())
+    claim = lifecycle.claim(job.id, job.dispatch_token, config.job_lease_seconds, "test-host")
+    outcome = AttemptRecord(AttemptOutcome.SUCCEEDED, None)
+    for _ in range(2):
+        attempt._record_success(claim, b"\x89PNG result", outcome, config)
+    row = db.session.get(Job, job.id, populate_existing=True)
+    assert (row.status, row.outcome) == (Status.COMPLETED, "succeeded")
+    assert storage.storage().get(row.result_path) == b"\x89PNG result"
+    assert db.session.query(JobAttempt).filter(JobAttempt.job_id == job.id).count() == 1
