@@ -213,7 +213,9 @@ def overlaps(rows: list[tuple[int, str, object, int]]) -> list[str]:
 def test_a_worker_host_cut_off_longer_than_the_lease_never_runs_a_job_twice_at_once(cluster):
     cluster.use_workers(WorkerSetup())
     user = cluster.new_user(balance=100)
-    job_ids = submit_many(cluster, [(WEB_HOSTS[index % 2], user, "[slow:2000]") for index in range(8)])
+    # Three rounds of the four slots, long calls: on a loaded machine worker2 may take its first
+    # messages late, and it must still be seen running two at once.
+    job_ids = submit_many(cluster, [(WEB_HOSTS[index % 2], user, "[slow:3000]") for index in range(12)])
     cut_off = wait_until_running_on(cluster, "worker2", job_ids, count=2)
 
     cluster.network.cut("worker2")
