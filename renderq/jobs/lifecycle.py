@@ -155,13 +155,13 @@ def _attempt_row(claim: Claim, attempt: AttemptRecord) -> dict[str, Any]:
     return row
 
 
-def _record(claim: Claim, attempt: AttemptRecord, only_if: Any = None, lock_job: bool = False) -> None:
+def _record(claim: Claim, attempt: AttemptRecord, only_if: Any = None) -> None:
+    """The attempt's history row; with `only_if` (a condition on the job row), only if it holds,
+    judged under the job row's lock: a claim of the next attempt running now is waited for, then seen."""
     row = _attempt_row(claim, attempt)
     chosen = select(*(value.label(name) for name, value in row.items()))
     if only_if is not None:
-        chosen = chosen.where(only_if)
-    if lock_job:  # a claim of the next attempt running now is waited for, then seen
-        chosen = chosen.with_for_update(of=Job)
+        chosen = chosen.where(only_if).with_for_update(of=Job)
     db.session.execute(insert(JobAttempt).from_select(list(row), chosen))
 
 
@@ -175,8 +175,7 @@ def _record_if_latest(claim: Claim, attempt: AttemptRecord) -> None:
         return
     recorded = select(JobAttempt.id).where(JobAttempt.job_id == claim.job_id, JobAttempt.number == claim.attempts,
                                            JobAttempt.started_at == claim.started_at).exists()
-    _record(claim, attempt, only_if=and_(Job.id == claim.job_id, Job.attempts == claim.attempts, ~recorded),
-            lock_job=True)
+    _record(claim, attempt, only_if=and_(Job.id == claim.job_id, Job.attempts == claim.attempts, ~recorded))
 
 
 def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settings: Settings,
