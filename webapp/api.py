@@ -13,7 +13,7 @@ from renderq.db import db
 from renderq.enums import TERMINAL_STATUSES, Outcome
 from renderq.errors import Conflict, InvalidInput, NotFound
 from renderq.images import check_image
-from renderq.jobs import control, submit
+from renderq.jobs import control, scheduler, submit
 from renderq.logs import job_logging
 from renderq.models import Job, Photo, User
 from renderq.runtime import redis_client, settings
@@ -71,8 +71,9 @@ def _result_file(job: Job) -> Response:
     return send_file(io.BytesIO(image), mimetype="image/png")
 
 
-def _accepted(job: Job) -> Response:
+def _accepted(accepted: submit.Accepted) -> Response:
     """202 with the job; with `Prefer: wait=N`, 200 if it became terminal within N seconds."""
+    job, position = accepted.job, accepted.queue_position
     with job_logging(job.id):  # the answer's statements belong to the job too (in logs and traces)
         wait = headers.prefer_wait()
         if wait and job.status not in TERMINAL_STATUSES:
@@ -82,9 +83,12 @@ def _accepted(job: Job) -> Response:
                     events.wait_until_terminal(job_id, wait, lambda: _status_without_a_connection(job_id))
                     g.user = db.session.get(User, user_id)  # the session was closed for the wait
                     job = db.session.get(Job, job_id)
+                    position = scheduler.queue_position(job)
+        response = jsonify(job_resource(job, locale_of(g.user, settings().default_locale), position,
+                                        read_position=False))
         if job.status in TERMINAL_STATUSES and wait is not None:
-            return job_json(job, 200)
-        response = job_json(job, 202)
+            return response
+        response.status_code = 202
         response.headers["Location"] = "/api/jobs/%s" % job.id
         return response
 

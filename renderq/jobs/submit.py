@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import Optional
 
 from config.kinds import KINDS, STYLES, JobKind, get_kind
@@ -62,9 +63,15 @@ def _store_photo(user: User, image: CheckedImage) -> Photo:
     return photo
 
 
+@dataclass(frozen=True)
+class Accepted:
+    job: Job
+    queue_position: Optional[int]  # read in the submission's own transaction: the answer needs no other
+
+
 def submit(user_id: int, kind: JobKind, params: dict, *,
            image: Optional[CheckedImage] = None, photo: Optional[Photo] = None,
-           idempotency_key: Optional[str] = None) -> Job:
+           idempotency_key: Optional[str] = None) -> Accepted:
     """Hold the price, store the photo, insert the job and commit; publish only after the
     commit. A refusal (InsufficientCredits) stores nothing; a replayed Idempotency-Key returns
     the job the first request made."""
@@ -76,9 +83,9 @@ def submit(user_id: int, kind: JobKind, params: dict, *,
                                          image=hashlib.sha256(image.data).hexdigest() if image else None)
         replayed = idempotency.replayed_job(user.id, idempotency_key, digest)
         if replayed is not None:
-            db.session.commit()
+            accepted = _answer(db.session.get(Job, replayed), user)
             tracing.mark_job(replayed)
-            return db.session.get(Job, replayed)
+            return accepted
     job_id = uuid.uuid4()
     with job_logging(job_id):  # the statements that make the job carry its id in traces too
         billing.hold(user, job_id, kind.price)
@@ -90,11 +97,19 @@ def submit(user_id: int, kind: JobKind, params: dict, *,
         db.session.flush()  # the INSERT returns the row's defaults: the answer needs no second read
         if idempotency_key:
             idempotency.remember(user.id, idempotency_key, digest, job_id)
-        for answered in (job, user):  # kept as written: the commit would expire them
-            db.session.expunge(answered)
-        db.session.commit()
+        accepted = _answer(job, user)
         tracing.mark_job(job_id)
         log.info("📋 [QUEUE] job %s accepted (%s) for user %s", job_id, kind.name, user_id)
         scheduler.dispatch_soon()
-    return job
+    return accepted
+
+
+def _answer(job: Job, user: User) -> Accepted:
+    """Read the job's place before the commit and keep the rows as written (the commit would
+    expire them), so answering needs no second transaction."""
+    accepted = Accepted(job, scheduler.queue_position(job))
+    for answered in (job, user):
+        db.session.expunge(answered)
+    db.session.commit()
+    return accepted
 
