@@ -128,3 +128,16 @@ def test_postgresql_crashing_and_restarting_mid_attempt_every_job_still_ends_onc
     # A lost attempt counts as a transient failure, so a job may take a second call.
     _all_succeed_once(private, token, job_ids, generator, most_calls=2)
     assert job_json(private.client, token, job_ids[0])["user_id"]  # the API is back on new connections
+
+
+def test_a_socket_left_behind_by_a_broker_restart_stops_no_worker():
+    """A Redis restart can leave kombu's poller a readable socket whose channel the reconnect has
+    already dropped. kombu 5.6 raised KeyError there, which Celery takes for an unrecoverable
+    error: the worker's main process exited (a 10,000-job chaos run saw it once; its restart lost
+    nothing). The pinned kombu ignores such a socket, and a KeyError that still escapes counts as
+    a lost connection, which the worker reconnects from."""
+    from kombu import Connection
+    from kombu.transport.redis import MultiChannelPoller
+
+    MultiChannelPoller().on_readable(35)  # no channel owns this socket any more
+    assert KeyError in Connection("redis://127.0.0.1:6379/0").connection_errors
