@@ -30,7 +30,7 @@ for renderq_only in ("include", "task_routes", "beat_schedule", "result_backend"
     config.pop(renderq_only)
 app = Celery("raw")
 app.conf.update(config, broker_url=os.environ["RAW_BROKER_URL"], task_default_queue="raw")
-# Pooled like renderq's engine (renderq.app: pool_size 5, max_overflow 10); connects on first use.
+# A pool larger than the worker's threads, as renderq's (renderq.app.pool_size); connects on first use.
 engine = create_engine(os.environ.get("RAW_DATABASE_URL", "postgresql+psycopg://"), pool_size=5, max_overflow=10)
 _sessions = threading.local()  # a keep-alive Session per thread, as renderq.generator.client keeps them
 

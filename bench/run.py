@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import reads_at_scale
 from bench.figures import Row, median, percentile, say
 from bench.stack import WEB_THREADS, WEB_WORKERS, BenchStack
+from renderq.app import pool_size
 from tests.support import BIN, Process, free_port, wait_for
 
 CLIENT_THREADS = 8  # HTTP clients, each with its own keep-alive Session (and its own user)
@@ -62,7 +63,7 @@ WIDTH_SLOTS = 64
 WIDTH_LATENCY_MS = 2000
 GIB = 1024 ** 3
 MIB = 1024 ** 2
-RENDERQ_POOL_SIZE = 5  # renderq.app's SQLAlchemy pool_size: the connections an idle process keeps
+RENDERQ_POOL_SIZE = pool_size(PIPELINE_CONCURRENCY)  # the connections a renderq process keeps at most
 # The baselines' tables (bench/raw_celery.py counts its tasks done in one row; bench/bare_web.py inserts).
 CREATE_RAW_DONE = "CREATE TABLE raw_done (id int PRIMARY KEY, done bigint NOT NULL)"
 CREATE_BARE_JOBS = ("CREATE TABLE bare_jobs (id uuid PRIMARY KEY, kind text NOT NULL, params json NOT NULL, "

@@ -11,8 +11,10 @@ from flask import Flask
 import celeryconfig
 from config import ConfigError, kinds, load_settings
 from renderq import tracing
-from renderq.db import db
+from renderq.db import db, ping_connections_left_idle
 from renderq.logs import configure_logging
+
+WEB_THREADS = 16  # gunicorn's --threads for `web` (Procfile)
 
 
 def create_base_app(config: Optional[Mapping[str, str]] = None, name: str = "renderq",
@@ -30,14 +32,25 @@ def create_base_app(config: Optional[Mapping[str, str]] = None, name: str = "ren
     app.extensions["renderq.settings"] = settings
     app.config.update(
         SQLALCHEMY_DATABASE_URI=settings.database_url,
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True, "pool_size": 5, "max_overflow": 10},
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": pool_size(settings.concurrent_jobs), "max_overflow": 10, "pool_use_lifo": True},
     )
     configure_logging(settings.log_format)
     db.init_app(app)
+    with app.app_context():
+        ping_connections_left_idle(db.engine)
     _bind_celery(app)
     if trace_as:
         tracing.setup(app, trace_as)
     return app
+
+
+def pool_size(concurrent_jobs: int) -> int:
+    """The database connections a process keeps open: one for each thread that may use one at
+    once (an attempt thread, or one of a web process's 16), and two for its dispatcher and
+    keeper. A smaller pool closes a connection as soon as it is given back under load and opens
+    another a moment later: a new PostgreSQL backend for every few statements. The pool opens
+    connections as they are first needed, so a process that never gets busy keeps few."""
+    return max(concurrent_jobs, WEB_THREADS) + 2
 
 
 def _bind_celery(flask_app: Flask) -> Celery:

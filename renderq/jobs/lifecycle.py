@@ -38,7 +38,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from config import Settings
 from renderq import billing, events, notify
-from renderq.db import db
+from renderq.db import db, execute_alone
 from renderq.enums import ACTIVE_STATUSES, AttemptOutcome, EntryKind, Outcome, Status
 from renderq.jobs import policy
 from renderq.models import Blob, Job, JobAttempt, Photo, User
@@ -226,7 +226,7 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
     # Before the statement: a process frozen while the claim is on the wire (committed, not yet
     # read) must count that time against the lease, which started by the database's clock.
     sent_at = time.monotonic()
-    row = db.session.execute(
+    row = execute_alone(
         update(Job).where(Job.id == job_id, Job.dispatch_token == ticket, or_(_leaves("claim"), background_try))
         .values(status=TRANSITIONS["claim"].target, attempts=Job.attempts + 1, lease_token=token,
                 lease_expires_at=func.now() + timedelta(seconds=lease_seconds),
@@ -236,9 +236,7 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
         .returning(*_with_snapshot(*CLAIM_COLUMNS),
                    select(User.safety_agreed_at.is_not(None)).where(User.id == Job.user_id)
                    .scalar_subquery().label("safety_agreed"),
-                   photo_key.label("photo_key"), photo)
-        .execution_options(synchronize_session=False)).first()
-    db.session.commit()
+                   photo_key.label("photo_key"), photo)).first()
     events.record([row])
     return claim_from(row, token, taken_at=sent_at) if row else None
 
