@@ -45,6 +45,7 @@ def run_attempt(job_id: uuid.UUID, ticket: uuid.UUID, worker_host: str) -> None:
         if claim is None:
             log.info("📋 [QUEUE] job %s: this message is stale (the job moved on); it steps aside", job_id)
             return
+        scheduler.dispatch_on_next_commit()
         try:
             _attempt(claim, config)
         finally:

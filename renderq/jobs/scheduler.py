@@ -35,7 +35,8 @@ from datetime import timedelta
 from typing import Any, Optional
 
 from flask import Flask, current_app
-from sqlalchemy import Select, and_, func, or_, select, text, tuple_, union_all, update
+from sqlalchemy import Select, and_, event, func, or_, select, text, tuple_, union_all, update
+from sqlalchemy.orm import Session
 
 from config import Settings
 from config.kinds import longest_hard_time_limit
@@ -174,69 +175,84 @@ def dispatch() -> int:
     returns how many were sent. Runs whenever a slot may have come free or a job may have
     become due: after a submission, after an attempt (both through `dispatch_soon`), when a
     retry's countdown ends, when a worker starts, and by the reconciler."""
-    sent = _hand_out_slots()
+    _, sent = _hand_out_slots()
     _publish(sent)
     return len(sent)
 
 
-def _hand_out_slots() -> list[Any]:
-    """The dispatch decision, committed: the tickets given to the jobs that get a slot."""
+def _hand_out_slots() -> tuple[float, list[Any]]:
+    """The dispatch decision, committed: when it read the state it went by (time.monotonic;
+    the snapshot is taken after), and the tickets given to the jobs that get a slot."""
     config = settings()
     _lock()
+    read_at = time.monotonic()
     state = _state(config)
     rows = _pick(state.free, dict(state.in_flight), state.generator_cap) if state.waiting and state.free > 0 else []
     if not rows:
         db.session.rollback()
-        return []
-    sent = db.session.execute(
-        update(Job).where(Job.id.in_([row.id for row in rows]), or_(WAITING, DUE_RETRY))
-        .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
-        .returning(Job.id, Job.dispatch_token, Job.kind, Job.trace_parent)
-        .execution_options(synchronize_session=False)).all()
-    db.session.execute(update(SchedulerClock).where(SchedulerClock.id == 1).values(
-        fair_tag=func.greatest(SchedulerClock.fair_tag, max(row.fair_tag for row in rows))))
+        return read_at, []
+    # One statement: the tickets, and the clock moved on to the last tag dispatched.
+    sent = (update(Job).where(Job.id.in_([row.id for row in rows]), or_(WAITING, DUE_RETRY))
+            .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
+            .returning(Job.id, Job.dispatch_token, Job.kind, Job.trace_parent).cte("sent"))
+    clock = (update(SchedulerClock).where(SchedulerClock.id == 1)
+             .values(fair_tag=func.greatest(SchedulerClock.fair_tag, max(row.fair_tag for row in rows)))
+             .cte("clock"))
+    tickets = db.session.execute(select(sent.c.id, sent.c.dispatch_token, sent.c.kind, sent.c.trace_parent)
+                                 .add_cte(clock)).all()
     db.session.commit()
-    return sent
+    return read_at, tickets
 
 
 class Dispatcher:
     """This process's dispatch thread. `ask` returns at once; the thread runs one round for
     all the asks made before it starts. A round that fails is left to the reconciler, which
-    dispatches every QUEUE_CHECK_INTERVAL anyway."""
+    dispatches every QUEUE_CHECK_INTERVAL anyway.
+
+    An ask says when the commit behind it (a slot freed, a job queued) was made. A round that
+    read the state after that commit has handed out what it freed, so such an ask needs no
+    round of its own: under load slots come free faster than rounds run, and most asks would
+    otherwise start a round that finds nothing left to hand out."""
 
     def __init__(self, app: Flask):
         self.app, self.pid = app, os.getpid()
-        self.asked = False
+        self.committed_at = -1.0  # the latest commit asked about (time.monotonic): none yet
+        self.covered_until = 0.0  # the latest round read the state every commit before this left
         self.wanted = threading.Condition()
         self.idle = threading.Event()  # set while no round runs or is asked for
         self.idle.set()
         self.thread = threading.Thread(target=self._run, name="renderq-dispatcher", daemon=True)
         self.thread.start()
 
-    def ask(self) -> None:
+    def ask(self, committed_at: Optional[float] = None) -> None:
         with self.wanted:
-            self.asked = True
-            self.idle.clear()
-            self.wanted.notify()
+            self.committed_at = max(self.committed_at, time.monotonic() if committed_at is None else committed_at)
+            if self.committed_at >= self.covered_until:
+                self.idle.clear()
+                self.wanted.notify()
 
     def _run(self) -> None:
         while True:
             with self.wanted:
-                while not self.asked:
+                while self.committed_at < self.covered_until:
                     self.idle.set()
                     self.wanted.wait()
-                self.asked = False
-            self._round()
+            begun = time.monotonic()
+            read_at = self._round()
+            with self.wanted:  # a round that failed is not run again for the asks it was for
+                self.covered_until = max(self.covered_until, read_at or begun)
 
-    def _round(self) -> None:
+    def _round(self) -> Optional[float]:
         with self.app.app_context():
             try:
                 with tracing.untraced():  # the decision is nobody's trace; each message joins its job's
-                    sent = _hand_out_slots()
+                    read_at, sent = _hand_out_slots()
                 _publish(sent)
+                return read_at
             except Exception:
                 db.session.rollback()
                 log.warning("📋 [QUEUE] could not dispatch now; the reconciler will", exc_info=True)
+                return None
 
 
 _dispatchers_lock = threading.Lock()
@@ -266,9 +282,24 @@ def finish_dispatching(timeout: float = 5) -> None:
             each.idle.wait(max(0.0, deadline - time.monotonic()))
 
 
+_last_commit = threading.local()
+
+
+@event.listens_for(Session, "after_commit")
+def _note_commit_time(session: Session) -> None:
+    _last_commit.at = time.monotonic()
+
+
 def dispatch_soon() -> None:
-    """Ask this process's dispatcher for a round: a job was queued or a slot came free."""
-    dispatcher().ask()
+    """Ask this process's dispatcher for a round: this thread's last commit queued a job or
+    freed a slot."""
+    dispatcher().ask(getattr(_last_commit, "at", None))
+
+
+def dispatch_on_next_commit() -> None:
+    """Ask for a round the moment this thread's session next commits: an attempt's outcome
+    frees its slot, and the next job need not wait while its status event and webhook go out."""
+    event.listen(db.session(), "after_commit", lambda session: dispatcher().ask(time.monotonic()), once=True)
 
 
 def dispatch_background() -> int:

@@ -2,6 +2,7 @@
 the rounds it asked for end first."""
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import delete, select
@@ -26,3 +27,59 @@ def test_a_process_that_is_leaving_lets_the_round_it_asked_for_end(ctx):
         db.session.rollback()
         db.session.execute(delete(WorkerHost).where(WorkerHost.name == host.name))
         db.session.commit()
+
+
+def _slot_for(name: str) -> WorkerHost:
+    host = WorkerHost(name=name, slots=1, pool="threads", expires_at=datetime.now(timezone.utc) + timedelta(minutes=5))
+    db.session.add(host)
+    db.session.commit()
+    return host
+
+
+def _withdraw(host: WorkerHost) -> None:
+    db.session.rollback()
+    db.session.execute(delete(WorkerHost).where(WorkerHost.name == host.name))
+    db.session.commit()
+
+
+def test_an_ask_a_later_round_already_answered_starts_no_round_of_its_own(ctx, monkeypatch):
+    dispatcher = scheduler.dispatcher()
+    rounds = []
+    run_round = dispatcher._round
+    monkeypatch.setattr(dispatcher, "_round", lambda: rounds.append(1) or run_round())
+    host = _slot_for("test-dispatcher/2")
+    try:
+        first = new_job(new_user(), Status.PENDING)
+        queued_at = time.monotonic()  # after the commit that queued it
+        scheduler.dispatch_soon()
+        scheduler.finish_dispatching(timeout=10)
+        assert len(rounds) == 1
+        assert db.session.execute(select(Job.dispatch_token).where(Job.id == first.id)).scalar() is not None
+
+        dispatcher.ask(queued_at)  # a second ask about the same commit: that round saw it
+        scheduler.finish_dispatching(timeout=10)
+        assert len(rounds) == 1
+
+        db.session.execute(delete(Job).where(Job.id == first.id))  # its slot comes free
+        db.session.commit()
+        second = new_job(new_user(), Status.PENDING)
+        scheduler.dispatch_soon()  # this commit is newer than any round's read: a round runs
+        scheduler.finish_dispatching(timeout=10)
+        assert len(rounds) == 2
+        assert db.session.execute(select(Job.dispatch_token).where(Job.id == second.id)).scalar() is not None
+    finally:
+        _withdraw(host)
+
+
+def test_an_attempts_outcome_asks_for_a_round_as_it_commits(ctx):
+    host = _slot_for("test-dispatcher/3")
+    try:
+        running = new_job(new_user(), Status.PROCESSING)
+        waiting = new_job(new_user(), Status.PENDING)
+        scheduler.dispatch_on_next_commit()
+        db.session.execute(delete(Job).where(Job.id == running.id))
+        db.session.commit()  # its slot is free, and nobody calls dispatch_soon
+        scheduler.finish_dispatching(timeout=10)
+        assert db.session.execute(select(Job.dispatch_token).where(Job.id == waiting.id)).scalar() is not None
+    finally:
+        _withdraw(host)
