@@ -93,10 +93,12 @@ def purge_expired(ttl_seconds: int) -> int:
     db.session.commit()
     purged = 0
     while True:
+        # Materialized, so the batch is picked once through the completed_at index and joined
+        # by primary key: as `id IN (SELECT ... LIMIT n)` the planner read all of jobs.
+        expired = (select(Job.id).where(Job.status.in_(TERMINAL_STATUSES), Job.completed_at < cutoff)
+                   .limit(PURGE_BATCH).cte("expired").prefix_with("MATERIALIZED"))
         rows = db.session.execute(
-            delete(Job).where(Job.id.in_(
-                select(Job.id).where(Job.status.in_(TERMINAL_STATUSES), Job.completed_at < cutoff).limit(PURGE_BATCH)))
-            .returning(Job.id, Job.result_path, Job.photo_id)).all()
+            delete(Job).where(Job.id == expired.c.id).returning(Job.id, Job.result_path, Job.photo_id)).all()
         photo_ids = {row.photo_id for row in rows if row.photo_id}
         orphans = photo_ids - set(db.session.execute(select(Job.photo_id).where(Job.photo_id.in_(photo_ids))).scalars())
         photos = db.session.execute(delete(Photo).where(Photo.id.in_(orphans)).returning(Photo.path)).scalars().all()
