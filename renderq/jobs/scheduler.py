@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from config import Settings
 from config.kinds import longest_hard_time_limit
 from renderq import broker, events, tracing
-from renderq.db import db
+from renderq.db import db, execute_alone
 from renderq.enums import AttemptOutcome, Status
 from renderq.jobs import lifecycle
 from renderq.models import Job, JobAttempt, SchedulerClock, User, WorkerHost
@@ -108,10 +108,11 @@ class State:
 _LIVE = WorkerHost.expires_at > func.now()
 
 
-def _state(config: Settings) -> State:
+def _state(config: Settings, alone: bool = False) -> State:
+    """`alone`: read outside the session's transaction, in one round trip (see _hand_out_slots)."""
     lost_since = func.now() - timedelta(seconds=longest_hard_time_limit())
     by_user = select(Job.user_id, func.count().label("n")).where(IN_FLIGHT).group_by(Job.user_id).subquery()
-    row = db.session.execute(select(
+    query = select(
         select(func.coalesce(func.sum(WorkerHost.slots), 0)).where(_LIVE).scalar_subquery().label("slots"),
         select(func.min(WorkerHost.generator_cap).filter(WorkerHost.generator_cap > 0)).where(_LIVE)
         .scalar_subquery().label("worker_cap"),
@@ -120,7 +121,8 @@ def _state(config: Settings) -> State:
         .scalar_subquery().label("lost"),
         select(func.json_object_agg(by_user.c.user_id, by_user.c.n)).scalar_subquery().label("in_flight"),
         or_(select(Job.id).where(WAITING).exists(), select(Job.id).where(DUE_RETRY).exists()).label("waiting"),
-    )).one()
+    )
+    row = (execute_alone(query) if alone else db.session.execute(query)).one()
     caps = [cap for cap in (row.worker_cap, config.generator_max_inflight) if cap]
     return State(int(row.slots), min(caps) if caps else 0, int(row.lost),
                  {int(user): int(count) for user, count in (row.in_flight or {}).items()}, bool(row.waiting))
@@ -180,12 +182,23 @@ def dispatch() -> int:
     return len(sent)
 
 
-def _hand_out_slots() -> tuple[float, list[Any]]:
+def _hand_out_slots(look_first: bool = False) -> tuple[float, list[Any]]:
     """The dispatch decision, committed: when it read the state it went by (time.monotonic;
-    the snapshot is taken after), and the tickets given to the jobs that get a slot."""
+    the snapshot is taken after), and the tickets given to the jobs that get a slot.
+
+    `look_first`: read the state without the lock first, and stop there if no slot is free or
+    nothing waits. While every slot is taken (a backlog) that is one round trip instead of
+    four, and the lock stays free for the rounds that have slots to hand out. It is sound
+    because a slot freed or a job queued after the look asks for a round of its own."""
     config = settings()
-    _lock()
     read_at = time.monotonic()
+    if look_first:
+        state = _state(config, alone=True)
+        if not (state.waiting and state.free > 0):
+            return read_at, []
+    _lock()
+    if not look_first:
+        read_at = time.monotonic()
     state = _state(config)
     rows = _pick(state.free, dict(state.in_flight), state.generator_cap) if state.waiting and state.free > 0 else []
     if not rows:
@@ -232,27 +245,29 @@ class Dispatcher:
                 self.wanted.notify()
 
     def _run(self) -> None:
+        look_first = False
         while True:
             with self.wanted:
                 while self.committed_at < self.covered_until:
                     self.idle.set()
                     self.wanted.wait()
             begun = time.monotonic()
-            read_at = self._round()
+            read_at, sent = self._round(look_first)
+            look_first = not sent  # after a round that found nothing to hand out, look before locking
             with self.wanted:  # a round that failed is not run again for the asks it was for
                 self.covered_until = max(self.covered_until, read_at or begun)
 
-    def _round(self) -> Optional[float]:
+    def _round(self, look_first: bool) -> tuple[Optional[float], list[Any]]:
         with self.app.app_context():
             try:
                 with tracing.untraced():  # the decision is nobody's trace; each message joins its job's
-                    read_at, sent = _hand_out_slots()
+                    read_at, sent = _hand_out_slots(look_first)
                 _publish(sent)
-                return read_at
+                return read_at, sent
             except Exception:
                 db.session.rollback()
                 log.warning("📋 [QUEUE] could not dispatch now; the reconciler will", exc_info=True)
-                return None
+                return None, []
 
 
 _dispatchers_lock = threading.Lock()

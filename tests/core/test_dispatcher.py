@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from datetime import datetime, timedelta, timezone
 
+import psycopg
 from sqlalchemy import delete, select
+from sqlalchemy.engine import make_url
 
 from renderq.db import db
 from renderq.enums import Status
@@ -46,7 +48,7 @@ def test_an_ask_a_later_round_already_answered_starts_no_round_of_its_own(ctx, m
     dispatcher = scheduler.dispatcher()
     rounds = []
     run_round = dispatcher._round
-    monkeypatch.setattr(dispatcher, "_round", lambda: rounds.append(1) or run_round())
+    monkeypatch.setattr(dispatcher, "_round", lambda look_first: rounds.append(1) or run_round(look_first))
     host = _slot_for("test-dispatcher/2")
     try:
         first = new_job(new_user(), Status.PENDING)
@@ -83,3 +85,20 @@ def test_an_attempts_outcome_asks_for_a_round_as_it_commits(ctx):
         assert db.session.execute(select(Job.dispatch_token).where(Job.id == waiting.id)).scalar() is not None
     finally:
         _withdraw(host)
+
+
+def test_while_no_slot_is_free_a_round_does_not_wait_for_the_lock(ctx):
+    """Under a backlog every submission asks for a round: with all slots taken, the rounds
+    after one that found nothing look without the dispatch lock, which another process holds."""
+    dispatcher = scheduler.dispatcher()
+    new_job(new_user(), Status.PENDING)  # waiting, and no worker announces a slot
+    scheduler.dispatch_soon()
+    assert scheduler.finish_dispatching(timeout=10) is None and dispatcher.idle.is_set()
+    url = make_url(db.engine.url).set(drivername="postgresql").render_as_string(False)
+    with psycopg.connect(url, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s)", (scheduler.DISPATCH_LOCK,))  # a long round elsewhere
+        new_job(new_user(), Status.PENDING)
+        scheduler.dispatch_soon()
+        scheduler.finish_dispatching(timeout=5)
+        assert dispatcher.idle.is_set()  # the round ended without the lock
+        other.execute("SELECT pg_advisory_unlock(%s)", (scheduler.DISPATCH_LOCK,))
