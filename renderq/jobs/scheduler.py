@@ -104,6 +104,11 @@ class State:
             capacity = min(capacity, max(0, self.generator_cap - self.lost))
         return capacity - sum(self.in_flight.values())
 
+    @property
+    def full(self) -> bool:
+        """No slot is free, or nothing waits for one."""
+        return not (self.waiting and self.free > 0)
+
 
 _LIVE = WorkerHost.expires_at > func.now()
 
@@ -177,33 +182,36 @@ def dispatch() -> int:
     returns how many were sent. Runs whenever a slot may have come free or a job may have
     become due: after a submission, after an attempt (both through `dispatch_soon`), when a
     retry's countdown ends, when a worker starts, and by the reconciler."""
-    _, sent = _hand_out_slots()
+    sent = _hand_out_slots().tickets
     _publish(sent)
     return len(sent)
 
 
-def _hand_out_slots(look_first: bool = False) -> tuple[float, list[Any]]:
-    """The dispatch decision, committed: when it read the state it went by (time.monotonic;
-    the snapshot is taken after), and the tickets given to the jobs that get a slot.
+@dataclass(frozen=True)
+class Round:
+    """A dispatch decision, committed."""
+    read_at: float  # when it read the state it went by (time.monotonic; the snapshot is later)
+    tickets: list[Any]  # (job id, ticket, kind, trace parent) of the jobs that got a slot
+    full: bool  # no slot was free, or nothing waited
 
-    `look_first`: read the state without the lock first, and stop there if no slot is free or
-    nothing waits. While every slot is taken (a backlog) that is one round trip instead of
+
+def _hand_out_slots(look_first: bool = False) -> Round:
+    """`look_first`: read the state without the lock first, and stop there if no slot is free
+    or nothing waits. While every slot is taken (a backlog) that is one round trip instead of
     four, and the lock stays free for the rounds that have slots to hand out. It is sound
     because a slot freed or a job queued after the look asks for a round of its own."""
     config = settings()
     read_at = time.monotonic()
-    if look_first:
-        state = _state(config, alone=True)
-        if not (state.waiting and state.free > 0):
-            return read_at, []
+    if look_first and _state(config, alone=True).full:
+        return Round(read_at, [], full=True)
     _lock()
     if not look_first:
         read_at = time.monotonic()
     state = _state(config)
-    rows = _pick(state.free, dict(state.in_flight), state.generator_cap) if state.waiting and state.free > 0 else []
+    rows = [] if state.full else _pick(state.free, dict(state.in_flight), state.generator_cap)
     if not rows:
         db.session.rollback()
-        return read_at, []
+        return Round(read_at, [], state.full)
     # One statement: the tickets, and the clock moved on to the last tag dispatched.
     sent = (update(Job).where(Job.id.in_([row.id for row in rows]), or_(WAITING, DUE_RETRY))
             .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
@@ -214,7 +222,7 @@ def _hand_out_slots(look_first: bool = False) -> tuple[float, list[Any]]:
     tickets = db.session.execute(select(sent.c.id, sent.c.dispatch_token, sent.c.kind, sent.c.trace_parent)
                                  .add_cte(clock)).all()
     db.session.commit()
-    return read_at, tickets
+    return Round(read_at, tickets, full=False)
 
 
 class Dispatcher:
@@ -252,22 +260,22 @@ class Dispatcher:
                     self.idle.set()
                     self.wanted.wait()
             begun = time.monotonic()
-            read_at, sent = self._round(look_first)
-            look_first = not sent  # after a round that found nothing to hand out, look before locking
+            done = self._round(look_first)
+            look_first = done is not None and done.full  # slots taken: the next round looks before locking
             with self.wanted:  # a round that failed is not run again for the asks it was for
-                self.covered_until = max(self.covered_until, read_at or begun)
+                self.covered_until = max(self.covered_until, done.read_at if done else begun)
 
-    def _round(self, look_first: bool) -> tuple[Optional[float], list[Any]]:
+    def _round(self, look_first: bool) -> Optional[Round]:
         with self.app.app_context():
             try:
                 with tracing.untraced():  # the decision is nobody's trace; each message joins its job's
-                    read_at, sent = _hand_out_slots(look_first)
-                _publish(sent)
-                return read_at, sent
+                    done = _hand_out_slots(look_first)
+                _publish(done.tickets)
+                return done
             except Exception:
                 db.session.rollback()
                 log.warning("📋 [QUEUE] could not dispatch now; the reconciler will", exc_info=True)
-                return None, []
+                return None
 
 
 _dispatchers_lock = threading.Lock()
