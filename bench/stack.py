@@ -60,7 +60,7 @@ class BenchStack:
         self.concurrency = concurrency
         self.attempts_worker = attempts_worker
         self.processes: list[Process] = []
-        self.worker: Process | None = None
+        self.workers: list[Process] = []  # the attempts worker's processes (start_worker)
 
     def __enter__(self) -> Self:
         with psycopg.connect(self.admin_dsn, autocommit=True) as admin:
@@ -96,22 +96,33 @@ class BenchStack:
         if self.attempts_worker:
             self.start_worker(self.concurrency)
 
-    def start_worker(self, concurrency: int, settings: dict | None = None) -> Process:
+    @property
+    def worker(self) -> Process | None:
+        return self.workers[0] if self.workers else None
+
+    def start_worker(self, concurrency: int, settings: dict | None = None, processes: int = 1) -> Process:
         """The attempts worker as the Procfile runs it (WORKER_POOL: threads unless set), with
-        `concurrency` slots; returns once it has announced them."""
+        `concurrency` slots, as `processes` worker processes of an equal share of them (the
+        Procfile's `worker` line run that many times on one host); returns once they have
+        announced their slots."""
         self.stop_worker()
         env = {**self.env, **(settings or {})}
-        self.worker = Process("worker", worker_command(concurrency), env, self.work).start()
-        wait_for(lambda: self.scalar("SELECT count(*) FROM worker_hosts WHERE expires_at > now()") > 0
-                 or self.worker.popen.poll() is not None, timeout=60, what="the attempts worker to announce its slots")
-        if self.worker.popen.poll() is not None:
-            raise RuntimeError("the attempts worker exited:\n" + self.worker.log_tail())
-        return self.worker
+        for number in range(processes):
+            command = worker_command(concurrency // processes)
+            command[command.index("--hostname") + 1] += f"-{number}"
+            self.workers.append(Process(f"worker-{number}" if number else "worker", command, env, self.work).start())
+        wait_for(lambda: self.scalar("SELECT count(*) FROM worker_hosts WHERE expires_at > now()") >= processes
+                 or any(worker.popen.poll() is not None for worker in self.workers),
+                 timeout=60, what="the attempts worker to announce its slots")
+        for worker in self.workers:
+            if worker.popen.poll() is not None:
+                raise RuntimeError("the attempts worker exited:\n" + worker.log_tail())
+        return self.workers[0]
 
     def stop_worker(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
-            self.worker = None
+        for worker in self.workers:
+            worker.stop()
+        self.workers = []
         self.execute("DELETE FROM worker_hosts")  # a stopped worker withdraws its slots; make sure
 
     def database_connections_by_process(self) -> dict[str, list[int]]:
@@ -120,7 +131,7 @@ class BenchStack:
         pg_stat_activity count comes from."""
         port = make_url(self.database_url).port or 5432
         counts = {}
-        for process in [*self.processes, *([self.worker] if self.worker else [])]:
+        for process in [*self.processes, *self.workers]:
             if process.popen is None or process.popen.poll() is not None:
                 continue
             main = psutil.Process(process.popen.pid)
@@ -130,11 +141,9 @@ class BenchStack:
         return counts
 
     def worker_processes(self) -> list[psutil.Process]:
-        """The attempts worker's main process and every child it has."""
-        if self.worker is None or self.worker.popen.poll() is not None:
-            return []
-        main = psutil.Process(self.worker.popen.pid)
-        return [main, *main.children(recursive=True)]
+        """The attempts worker's main processes and every child they have."""
+        mains = [psutil.Process(worker.popen.pid) for worker in self.workers if worker.popen.poll() is None]
+        return [member for main in mains for member in [main, *main.children(recursive=True)]]
 
     def create_users(self, count: int, balance: int) -> list[str]:
         """`count` users with `balance` credits each (a top-up in the ledger, as `flask users
@@ -175,8 +184,8 @@ class BenchStack:
                            "AND pid <> pg_backend_pid()")
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.worker is not None:
-            self.worker.stop()
+        for worker in self.workers:
+            worker.stop()
         for process in reversed(self.processes):
             process.stop()
         redis.Redis.from_url(self.redis_url).flushdb()

@@ -131,15 +131,25 @@ def guarded_update(job_id: uuid.UUID, guard: Any, values: dict, returning: tuple
                    attempt: Optional[tuple[Claim, AttemptRecord]] = None) -> Any:
     """One guarded UPDATE (and the attempt's record, if any), committed and announced as a
     status event; the row it returned, or None if the guard did not match."""
-    row = db.session.execute(
-        update(Job).where(Job.id == job_id, guard).values(updated_at=func.now(), **values)
-        .returning(*_with_snapshot(*returning))
-        .execution_options(synchronize_session=False)).first()
-    if attempt is not None:
-        (_record if row is not None else _record_if_latest)(*attempt)
+    row = _update_and_record(update(Job).where(Job.id == job_id, guard).values(updated_at=func.now(), **values)
+                             .returning(*_with_snapshot(*returning)), attempt)
+    if attempt is not None and row is None:
+        _record_if_latest(*attempt)
     db.session.commit()
     events.record([row])
     return row
+
+
+def _update_and_record(statement: Any, attempt: Optional[tuple[Claim, AttemptRecord]]) -> Any:
+    """The row a guarded UPDATE ... RETURNING returned, or None; with `attempt`, the attempt's
+    history row is written by the same statement if the UPDATE matched (one round trip)."""
+    if attempt is None:
+        return db.session.execute(statement).first()
+    changed = statement.cte("changed")
+    row = _attempt_row(*attempt)
+    recorded = insert(JobAttempt).from_select(
+        list(row), select(*(value.label(name) for name, value in row.items())).select_from(changed)).cte("recorded")
+    return db.session.execute(select(changed).add_cte(recorded)).first()
 
 
 def _attempt_row(claim: Claim, attempt: AttemptRecord) -> dict[str, Any]:
@@ -185,23 +195,17 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
     attempt's record, the ledger's capture or release, the notification row, and `on_win`
     (the result, where storage joins the transaction)."""
     status = TRANSITIONS[transition].target
-    won = db.session.execute(
+    won = _update_and_record(
         update(Job).where(Job.id == job_id, _leaves(transition), guard, User.id == Job.user_id)
         .values(status=status, updated_at=func.now(), completed_at=func.now(), lease_token=None,
                 lease_expires_at=None, dispatch_token=None, **values)
-        .returning(*_with_snapshot(*notify.JOB_COLUMNS), *notify.USER_COLUMNS)
-        # A plain UPDATE ... FROM users: the ORM's session synchronisation, which renderq has no
-        # use for (it loads no Job objects here), would map the joined RETURNING wrongly.
-        .execution_options(synchronize_session=False)
-    ).first()
+        .returning(*_with_snapshot(*notify.JOB_COLUMNS), *notify.USER_COLUMNS), attempt)
     if won is None:
         db.session.rollback()
         if attempt is not None:
             _record_if_latest(*attempt)
             db.session.commit()
         return None
-    if attempt is not None:
-        _record(*attempt)
     if on_win is not None:
         on_win()
     billing.settle(job_id, EntryKind.CAPTURE if values.get("outcome") == Outcome.SUCCEEDED else EntryKind.RELEASE)
