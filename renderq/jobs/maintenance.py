@@ -19,7 +19,7 @@ from renderq.runtime import redis_client, settings
 
 log = logging.getLogger(__name__)
 
-PURGE_BATCH = 100  # each DELETE, its cascades included, stays a few milliseconds: short locks
+PURGE_BATCH = 50  # each DELETE, its cascades included, stays within a few milliseconds: short locks
 LAST_RUN_KEY = "renderq:maintenance:last-run:%s"
 MAINTENANCE_TASKS = ("background", "reconcile", "cleanup")
 
