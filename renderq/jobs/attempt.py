@@ -45,11 +45,8 @@ def run_attempt(job_id: uuid.UUID, ticket: uuid.UUID, worker_host: str) -> None:
         if claim is None:
             log.info("📋 [QUEUE] job %s: this message is stale (the job moved on); it steps aside", job_id)
             return
-        scheduler.dispatch_on_next_commit()
-        try:
-            _attempt(claim, config)
-        finally:
-            scheduler.dispatch_soon()  # this attempt's slot is free for the next job
+        scheduler.dispatch_on_next_commit()  # the outcome's commit frees this attempt's slot
+        _attempt(claim, config)
 
 
 def _attempt(claim: Claim, config: Settings) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 from sqlalchemy import (
     BigInteger,
     Integer,
+    Select,
     Uuid,
     and_,
     bindparam,
@@ -146,9 +147,7 @@ def _update_and_record(statement: Any, attempt: Optional[tuple[Claim, AttemptRec
     if attempt is None:
         return db.session.execute(statement).first()
     changed = statement.cte("changed")
-    row = _attempt_row(*attempt)
-    recorded = insert(JobAttempt).from_select(
-        list(row), select(*(value.label(name) for name, value in row.items())).select_from(changed)).cte("recorded")
+    recorded = _attempt_insert(*attempt, lambda row: row.select_from(changed)).cte("recorded")
     return db.session.execute(select(changed).add_cte(recorded)).first()
 
 
@@ -165,14 +164,11 @@ def _attempt_row(claim: Claim, attempt: AttemptRecord) -> dict[str, Any]:
     return row
 
 
-def _record(claim: Claim, attempt: AttemptRecord, only_if: Any = None) -> None:
-    """The attempt's history row; with `only_if` (a condition on the job row), only if it holds,
-    judged under the job row's lock: a claim of the next attempt running now is waited for, then seen."""
+def _attempt_insert(claim: Claim, attempt: AttemptRecord, chosen: Callable[[Select], Select]) -> Any:
+    """The INSERT of the attempt's history row, from the SELECT of its values that `chosen`
+    shapes (the row it is written for, the condition it is written under)."""
     row = _attempt_row(claim, attempt)
-    chosen = select(*(value.label(name) for name, value in row.items()))
-    if only_if is not None:
-        chosen = chosen.where(only_if).with_for_update(of=Job)
-    db.session.execute(insert(JobAttempt).from_select(list(row), chosen))
+    return insert(JobAttempt).from_select(list(row), chosen(select(*(value.label(name) for name, value in row.items()))))
 
 
 def _record_if_latest(claim: Claim, attempt: AttemptRecord) -> None:
@@ -185,7 +181,9 @@ def _record_if_latest(claim: Claim, attempt: AttemptRecord) -> None:
         return
     recorded = select(JobAttempt.id).where(JobAttempt.job_id == claim.job_id, JobAttempt.number == claim.attempts,
                                            JobAttempt.started_at == claim.started_at).exists()
-    _record(claim, attempt, only_if=and_(Job.id == claim.job_id, Job.attempts == claim.attempts, ~recorded))
+    # Judged under the job row's lock: a claim of the next attempt running now is waited for, then seen.
+    latest = and_(Job.id == claim.job_id, Job.attempts == claim.attempts, ~recorded)
+    db.session.execute(_attempt_insert(claim, attempt, lambda row: row.where(latest).with_for_update(of=Job)))
 
 
 def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settings: Settings,

@@ -36,7 +36,6 @@ from typing import Any, Optional
 
 from flask import Flask, current_app
 from sqlalchemy import Select, and_, event, func, or_, select, text, tuple_, union_all, update
-from sqlalchemy.orm import Session
 
 from config import Settings
 from config.kinds import longest_hard_time_limit
@@ -180,7 +179,7 @@ def _pick(free: int, in_flight: dict[int, int], generator_cap: int) -> list[Any]
 def dispatch() -> int:
     """Send attempt messages to as many waiting jobs as there are free slots, fairest first;
     returns how many were sent. Runs whenever a slot may have come free or a job may have
-    become due: after a submission, after an attempt (both through `dispatch_soon`), when a
+    become due: after a submission, after an attempt (both through the dispatcher thread), when a
     retry's countdown ends, when a worker starts, and by the reconciler."""
     sent = _hand_out_slots().tickets
     _publish(sent)
@@ -305,24 +304,15 @@ def finish_dispatching(timeout: float = 5) -> None:
             each.idle.wait(max(0.0, deadline - time.monotonic()))
 
 
-_last_commit = threading.local()
-
-
-@event.listens_for(Session, "after_commit")
-def _note_commit_time(session: Session) -> None:
-    _last_commit.at = time.monotonic()
-
-
 def dispatch_soon() -> None:
-    """Ask this process's dispatcher for a round: this thread's last commit queued a job or
-    freed a slot."""
-    dispatcher().ask(getattr(_last_commit, "at", None))
+    """Ask this process's dispatcher for a round, right after the commit that queued a job."""
+    dispatcher().ask()
 
 
 def dispatch_on_next_commit() -> None:
-    """Ask for a round the moment this thread's session next commits: an attempt's outcome
-    frees its slot, and the next job need not wait while its status event and webhook go out."""
-    event.listen(db.session(), "after_commit", lambda session: dispatcher().ask(time.monotonic()), once=True)
+    """Ask for a round the moment the session next commits: an attempt's outcome frees its
+    slot, and the next job need not wait while its status event and webhook go out."""
+    event.listen(db.session(), "after_commit", lambda session: dispatch_soon(), once=True)
 
 
 def dispatch_background() -> int:
