@@ -40,6 +40,7 @@ from renderq_client.sse import SseParser
 
 from renderq.messages import BLOCK_MESSAGES
 from tests.conftest import png_bytes
+from webapp.auth import new_token
 from tests.support import BIN, free_port
 
 RENDERQ = BIN / "renderq"
@@ -294,6 +295,12 @@ def test_cli_flags_override_the_environment(make_user, web_url):
     token = make_user(balance=7)[1]
     run = renderq("--url", web_url, "me", "--token", token, url="http://127.0.0.1:1", token="wrong")
     assert run.returncode == 0 and "7 credits" in run.stdout, run.stderr
+
+
+def test_new_tokens_pass_as_a_cli_flag_value():
+    # argparse takes a value that begins with "-" for another option: a token must never start with one.
+    tokens = [new_token()[0] for _ in range(2000)]
+    assert not [token for token in tokens if token.startswith("-")]
 
 
 def test_cli_updates_the_status_line_in_place_on_a_terminal(make_user, web_url, photo_file):
