@@ -226,6 +226,20 @@ def job_context(job_id: Optional[uuid.UUID], trace_parent: Optional[str]) -> Ite
             context.detach(token)
 
 
+@contextlib.contextmanager
+def handed_over_attempt(job_id: uuid.UUID, trace_parent: Optional[str]) -> Iterator[None]:
+    """An attempt a worker thread runs because its slot was handed to the job, with no message
+    of its own: in the job's trace, a span named as the attempt task's run would be."""
+    with job_context(job_id, trace_parent):
+        if not enabled():
+            yield
+            return
+        with trace.get_tracer(__name__).start_as_current_span(
+                "run/renderq.jobs.attempt", kind=trace.SpanKind.CONSUMER,
+                attributes={JOB_ID: str(job_id), "renderq.handed_over": True}):
+            yield
+
+
 class ClientCall:
     """An outgoing HTTP call's span, and the headers that carry its context to the server."""
 

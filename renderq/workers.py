@@ -17,6 +17,7 @@ import uuid
 from datetime import timedelta
 from typing import Iterator, Optional
 
+from celery.worker import state as celery_state
 from flask import Flask, current_app
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -37,6 +38,7 @@ class ProcessKeeper:
         self.lease_seconds = app.extensions["renderq.settings"].job_lease_seconds
         self.generator_cap = app.extensions["renderq.settings"].generator_max_inflight
         self.leases: set[uuid.UUID] = set()
+        self.draining = False  # a warm shutdown began: start no more attempts than the messages ask
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="renderq-keeper", daemon=True)
@@ -111,6 +113,19 @@ def lease_keeper() -> ProcessKeeper:
     if keeper() is None:
         start_keeper(current_app._get_current_object(), socket.gethostname(), 0, "none")
     return keeper()
+
+
+def keeps_slots() -> bool:
+    """Whether an attempt's thread goes on to the next job its slot is handed: in a threads
+    pool, which sets no time limit on a task; not once the worker is shutting down; and not
+    while a message this process has taken from the broker waits for a thread (it went out
+    for a free slot, and would wait for as long as every thread kept its own)."""
+    return (keeper() is not None and keeper().pool == "thread" and not draining()
+            and len(celery_state.reserved_requests) <= len(celery_state.active_requests))
+
+
+def draining() -> bool:
+    return keeper() is not None and keeper().draining
 
 
 def stop_keeper() -> None:

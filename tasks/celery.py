@@ -18,6 +18,7 @@ from celery.signals import (
     worker_process_init,
     worker_process_shutdown,
     worker_shutdown,
+    worker_shutting_down,
 )
 from celery.utils.log import LoggingProxy
 
@@ -156,6 +157,15 @@ def _outlive_the_groups_sigterm() -> None:
 def _start_announcing(slots: int) -> None:
     workers.start_keeper(flask_app, _this_worker["hostname"], slots, _this_worker["pool"])
     scheduler.dispatcher(flask_app).ask()  # new slots: fill them now rather than at the next reconcile
+
+
+@worker_shutting_down.connect
+def _drain(**_: object) -> None:
+    # Sent from the signal handler: a plain flag, no lock. Threads finish the attempt they run
+    # and take no handed-over job after it.
+    keeper = workers.keeper()
+    if keeper is not None:
+        keeper.draining = True
 
 
 @worker_process_shutdown.connect

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import generator_calls, upload, wait_terminal
+from tests.conftest import generator_calls, job_json, upload, wait_terminal
 from tests.support import Process, wait_for, worker_command
 
 
@@ -35,6 +35,9 @@ def test_sigterm_to_the_worker_and_its_pool_finishes_the_running_attempts(client
     stack.worker.popen.wait(30)  # a warm shutdown: it waited for the two attempts
     for job_id in running:
         assert wait_terminal(client, token, job_id, timeout=5)["status"] == "completed"
+    for job_id in set(jobs) - set(running):  # a thread whose attempt ended took no other job on its way out
+        assert job_json(client, token, job_id)["status"] == "pending"
+        assert generator_calls(generator, job_id)["calls"] == 0
     time.sleep(1)
     stack.worker = Process("worker", worker_command(pool=pool), stack.env, stack.log_dir).start()
     for job_id in jobs:

@@ -281,22 +281,26 @@ def test_a_retry_keeps_both_attempts_in_the_submissions_trace(traced):
 
 
 def test_a_job_that_waited_for_a_slot_joins_its_own_submissions_trace(traced):
-    """The worker that finishes one job sends the next one's attempt: in the next one's trace."""
+    """The worker that finishes one job runs the next one's attempt (its thread is handed the
+    slot) or sends its message: either way in the next one's trace, not the finished one's."""
     slow = [traced.submit(prompt="[slow:1500]") for _ in range(2)]  # both of the worker's slots
     waiting = traced.submit()
     assert traced.job(waiting)["status"] == "pending"
     traced.wait_completed(waiting)
     post = traced.collector.submission(waiting)
 
-    def sent_and_run(spans: list[Span]) -> bool:
+    def run(spans: list[Span]) -> bool:
         runs = only(spans, name=ATTEMPT_RUN)
         return bool(runs and generator_calls(spans) and any(span.span_id == runs[0].parent_id for span in spans))
 
-    spans = traced.collector.wait_for_trace(post.trace_id, sent_and_run, "the waiting job's attempt in its own trace")
+    spans = traced.collector.wait_for_trace(post.trace_id, run, "the waiting job's attempt in its own trace")
     attempt, = only(spans, name=ATTEMPT_RUN)
-    sent, = [span for span in spans if span.span_id == attempt.parent_id]
-    # Sent by another process than the POST (the worker, or the reconciler), yet in this trace.
-    assert sent.service != "renderq-web" and sent.kind == "producer" and sent.attributes.get("job.id") == waiting
+    parent, = [span for span in spans if span.span_id == attempt.parent_id]
+    assert attempt.service == "renderq-worker" and attempt.attributes.get("job.id") == waiting
+    if attempt.attributes.get("renderq.handed_over"):  # run by the thread whose slot it was handed, no message
+        assert parent.span_id == post.span_id
+    else:  # sent by another process than the POST (the worker, or the reconciler), yet in this trace
+        assert parent.service != "renderq-web" and parent.kind == "producer" and parent.attributes.get("job.id") == waiting
     slow_traces = {traced.collector.submission(job_id).trace_id for job_id in slow}
     assert post.trace_id not in slow_traces
     for job_id in slow:

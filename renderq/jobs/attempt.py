@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 
 from config import Settings
 from config.kinds import get_kind
-from renderq import broker, storage, workers
+from renderq import broker, storage, tracing, workers
 from renderq.db import db
 from renderq.enums import AttemptOutcome, Status, Tier
 from renderq.generator import client
@@ -35,9 +35,47 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# How long one task goes on running the jobs its slot is handed: the message that started it
+# stays unacknowledged meanwhile, and Flower shows that task as running.
+HAND_OVER_SECONDS = 300
+
+
 def run_attempt(job_id: uuid.UUID, ticket: uuid.UUID, worker_host: str) -> None:
     """Run the attempt the message carrying `ticket` was sent for, if it still may. Raises
-    RetryLater when the fast ladder goes on."""
+    RetryLater when the fast ladder goes on.
+
+    In a threads worker the thread then keeps its slot: it runs the next job the process's
+    dispatcher hands it (scheduler.Dispatcher.take), and the next, while jobs wait, instead of
+    the slot going back through the broker. A prefork child does not: the task's hard time limit
+    would cut a later job's call short."""
+    keeps_slot = workers.keeps_slots()
+    try:
+        _run_one(job_id, ticket, worker_host, ask_on_commit=not keeps_slot)
+    except policy.RetryLater:
+        if keeps_slot:
+            scheduler.dispatch_soon()  # the ladder's countdown goes out through Celery's retry; the slot is free
+        raise
+    if keeps_slot:
+        _run_handed_over(worker_host)
+
+
+def _run_handed_over(worker_host: str) -> None:
+    until = time.monotonic() + HAND_OVER_SECONDS
+    while time.monotonic() < until and workers.keeps_slots():
+        handed = scheduler.dispatcher().take()
+        if handed is None:
+            return
+        job_id, ticket, kind, trace_parent = handed
+        with tracing.handed_over_attempt(job_id, trace_parent):
+            try:
+                _run_one(job_id, ticket, worker_host, ask_on_commit=False)
+            except policy.RetryLater as step:
+                # The message Celery's retry would send for this job's own task.
+                broker.publish_timer(job_id, kind, step.countdown)
+    scheduler.dispatch_soon()  # stopped with its slot free
+
+
+def _run_one(job_id: uuid.UUID, ticket: uuid.UUID, worker_host: str, ask_on_commit: bool) -> None:
     config = settings()
     with job_logging(job_id):
         claim = lifecycle.claim(job_id, ticket, config.job_lease_seconds, worker_host,
@@ -45,7 +83,8 @@ def run_attempt(job_id: uuid.UUID, ticket: uuid.UUID, worker_host: str) -> None:
         if claim is None:
             log.info("📋 [QUEUE] job %s: this message is stale (the job moved on); it steps aside", job_id)
             return
-        scheduler.dispatch_on_next_commit()  # the outcome's commit frees this attempt's slot
+        if ask_on_commit:
+            scheduler.dispatch_on_next_commit()  # the outcome's commit frees this attempt's slot
         _attempt(claim, config)
 
 

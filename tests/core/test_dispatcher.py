@@ -9,6 +9,7 @@ import psycopg
 from sqlalchemy import delete, select
 from sqlalchemy.engine import make_url
 
+from renderq import broker
 from renderq.db import db
 from renderq.enums import Status
 from renderq.jobs import scheduler
@@ -102,3 +103,34 @@ def test_while_no_slot_is_free_a_round_does_not_wait_for_the_lock(ctx):
         scheduler.finish_dispatching(timeout=5)
         assert dispatcher.idle.is_set()  # the round ended without the lock
         other.execute("SELECT pg_advisory_unlock(%s)", (scheduler.DISPATCH_LOCK,))
+
+
+def test_a_thread_that_freed_its_slot_is_handed_the_fairest_job_and_only_the_rest_go_to_the_broker(ctx, monkeypatch):
+    sent = []
+    publish = broker.publish_attempt
+    monkeypatch.setattr(broker, "publish_attempt", lambda job_id, *rest: sent.append(job_id) or publish(job_id, *rest))
+    host = _slot_for("test-dispatcher/4")
+    host.slots = 2
+    db.session.commit()
+    try:
+        first = new_job(new_user(), Status.PENDING, fair_tag=1)
+        second = new_job(new_user(), Status.PENDING, fair_tag=2)
+        handed = scheduler.dispatcher().take(timeout=30)
+        assert handed is not None
+        job_id, ticket, kind, _ = handed
+        assert (job_id, kind) == (first.id, "photo.render")
+        assert db.session.execute(select(Job.dispatch_token).where(Job.id == first.id)).scalar() == ticket
+        assert sent == [second.id]
+    finally:
+        _withdraw(host)
+
+
+def test_a_thread_that_freed_its_slot_is_told_when_no_job_waits(ctx):
+    host = _slot_for("test-dispatcher/5")
+    try:
+        asked = time.monotonic()
+        assert scheduler.dispatcher().take(timeout=30) is None
+        assert time.monotonic() - asked < 30  # answered by the round, not given up on
+        assert scheduler.dispatcher().takers == []
+    finally:
+        _withdraw(host)
