@@ -14,7 +14,7 @@ import os
 import tempfile
 from typing import Any, Iterable, Protocol
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.dialects.postgresql import insert
 
 from renderq.db import db
@@ -37,13 +37,18 @@ class Storage(Protocol):
     def delete(self, keys: Iterable[str]) -> None: ...
 
 
+_UPSERT = insert(Blob).values(key=bindparam("key"), data=bindparam("data"))
+# One statement object for every put, run on the session's connection: SQLAlchemy builds,
+# compiles and keys it once, and the ORM's bulk-insert path (for an entity's INSERT through
+# Session.execute) is not in the way of a plain upsert on every upload and result.
+_UPSERT = _UPSERT.on_conflict_do_update(index_elements=[Blob.key], set_={"data": _UPSERT.excluded.data})
+
+
 class PostgresStorage:
     transactional = True
 
     def put(self, key: str, data: bytes) -> None:
-        statement = insert(Blob).values(key=key, data=data)
-        db.session.execute(statement.on_conflict_do_update(index_elements=[Blob.key],
-                                                           set_={"data": statement.excluded.data}))
+        db.session.connection().execute(_UPSERT, {"key": key, "data": data})
 
     def get(self, key: str) -> bytes:
         data = db.session.execute(select(Blob.data).where(Blob.key == key)).scalar()
