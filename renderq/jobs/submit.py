@@ -88,11 +88,14 @@ def submit(user_id: int, kind: JobKind, params: dict, *,
             return accepted
     job_id = uuid.uuid4()
     with job_logging(job_id):  # the statements that make the job carry its id in traces too
+        # The tag first: the user's row then changes once (its tag and its held credits), in the
+        # flush that writes the hold.
+        fair_tag = scheduler.next_tag(user)
         billing.hold(user, job_id, kind.price)
         if image is not None:
             photo = _store_photo(user, image)
         job = Job(id=job_id, user_id=user.id, photo_id=photo.id if photo else None, kind=kind.name, params=params,
-                  price=kind.price, fair_tag=scheduler.next_tag(user), trace_parent=tracing.current_traceparent())
+                  price=kind.price, fair_tag=fair_tag, trace_parent=tracing.current_traceparent())
         db.session.add(job)
         db.session.flush()  # the INSERT returns the row's defaults: the answer needs no second read
         if idempotency_key:
