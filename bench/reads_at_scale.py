@@ -267,7 +267,10 @@ class ExplainingRecorder:
         # Several statements in one execute (the counters' fold) are explained one by one.
         pieces = [statement] if parameters else [piece for piece in statement.split(";") if piece.strip()]
         explained = Explained(self.label, statement, [])
-        raw.execute("SAVEPOINT bench_explain")
+        # EXPLAIN ANALYZE runs the statement: what it changes is rolled back, inside the caller's
+        # transaction or, for a statement run alone (autocommit), in one of its own.
+        alone = raw.autocommit
+        raw.execute("BEGIN" if alone else "SAVEPOINT bench_explain")
         try:
             for piece in pieces:
                 explained.plans.append(raw.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + piece,
@@ -275,8 +278,11 @@ class ExplainingRecorder:
         except Exception as error:  # noqa: BLE001 - a statement EXPLAIN cannot take is reported, not fatal
             explained.error = str(error).splitlines()[0]
         finally:
-            raw.execute("ROLLBACK TO SAVEPOINT bench_explain")
-            raw.execute("RELEASE SAVEPOINT bench_explain")
+            if alone:
+                raw.execute("ROLLBACK")
+            else:
+                raw.execute("ROLLBACK TO SAVEPOINT bench_explain")
+                raw.execute("RELEASE SAVEPOINT bench_explain")
         self._current = explained
         conn.info["bench_started"] = time.perf_counter()
 
