@@ -37,18 +37,18 @@ class Storage(Protocol):
     def delete(self, keys: Iterable[str]) -> None: ...
 
 
-_UPSERT = insert(Blob).values(key=bindparam("key"), data=bindparam("data"))
 # One statement object for every put, run on the session's connection: SQLAlchemy builds,
 # compiles and keys it once, and the ORM's bulk-insert path (for an entity's INSERT through
 # Session.execute) is not in the way of a plain upsert on every upload and result.
-_UPSERT = _UPSERT.on_conflict_do_update(index_elements=[Blob.key], set_={"data": _UPSERT.excluded.data})
+_INSERT_BLOB = insert(Blob).values(key=bindparam("key"), data=bindparam("data"))
+_UPSERT_BLOB = _INSERT_BLOB.on_conflict_do_update(index_elements=[Blob.key], set_={"data": _INSERT_BLOB.excluded.data})
 
 
 class PostgresStorage:
     transactional = True
 
     def put(self, key: str, data: bytes) -> None:
-        db.session.connection().execute(_UPSERT, {"key": key, "data": data})
+        db.session.connection().execute(_UPSERT_BLOB, {"key": key, "data": data})
 
     def get(self, key: str) -> bytes:
         data = db.session.execute(select(Blob.data).where(Blob.key == key)).scalar()

@@ -120,12 +120,9 @@ def keeps_slots() -> bool:
     pool, which sets no time limit on a task; not once the worker is shutting down; and not
     while a message this process has taken from the broker waits for a thread (it went out
     for a free slot, and would wait for as long as every thread kept its own)."""
-    return (keeper() is not None and keeper().pool == "thread" and not draining()
+    current = keeper()
+    return (current is not None and current.pool == "thread" and not current.draining
             and len(celery_state.reserved_requests) <= len(celery_state.active_requests))
-
-
-def draining() -> bool:
-    return keeper() is not None and keeper().draining
 
 
 def stop_keeper() -> None:
