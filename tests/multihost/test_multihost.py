@@ -294,7 +294,10 @@ def test_per_user_limits_of_one_and_three_share_the_generator_one_to_three(clust
     window = (max(min(times) for times in starts.values()), min(max(times) for times in starts.values()))
     calls = {user_id: sum(window[0] <= started <= window[1] for started in times) for user_id, times in starts.items()}
     ratio = calls[heavy.id] / max(1, calls[light.id])
-    assert 3 * 0.9 <= ratio <= 3 * 1.1, "generator calls in %.1fs with both busy: limit 1 → %d, limit 3 → %d" % (
+    # About 25 calls of the light user in the window: one call more or less is 4 %, and its single
+    # slot waits for a dispatch round after each call as each of the heavy user's three does, so
+    # runs land between 2.8 and 3.35. A share of 1:2 or 1:4 still fails.
+    assert 3 * 0.8 <= ratio <= 3 * 1.2, "generator calls in %.1fs with both busy: limit 1 → %d, limit 3 → %d" % (
         window[1] - window[0], calls[light.id], calls[heavy.id])
     print("generator calls in %.1fs with both busy: limit 1 → %d, limit 3 → %d (ratio %.2f)" % (
         window[1] - window[0], calls[light.id], calls[heavy.id], ratio))
