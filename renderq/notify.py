@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
 
-from sqlalchemy import and_, func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import JSON, Boolean, Uuid, and_, bindparam, func, select, text, update
 
 from config import Settings
 from renderq.db import db
@@ -54,17 +53,20 @@ def record(job: Any, event: Event, settings: Settings) -> Optional[int]:
     """Insert the notification unless it exists, in the transaction that finishes the job; `job`
     is that UPDATE's row (JOB_COLUMNS and USER_COLUMNS). Its id if this call created it and it
     is to be delivered to a webhook (a user without one only reads the inbox)."""
-    statement = (
-        insert(Notification)
-        .values(user_id=job.user_id, job_id=job.id, event=event,
-                payload=payload(job, event, job.locale or settings.default_locale),
-                webhook_id="msg_%s" % uuid.uuid4().hex,
-                next_delivery_at=func.now() if job.webhook_url else None)
-        .on_conflict_do_nothing(index_elements=["job_id", "event"])
-        .returning(Notification.id)
-    )
-    notification_id = db.session.execute(statement).scalar()
+    notification_id = db.session.connection().execute(_INSERT_NOTIFICATION, {
+        "user_id": job.user_id, "job_id": job.id, "event": str(event),
+        "payload": payload(job, event, job.locale or settings.default_locale),
+        "webhook_id": "msg_%s" % uuid.uuid4().hex, "to_deliver": bool(job.webhook_url)}).scalar()
     return notification_id if job.webhook_url else None
+
+
+# Written by every finish that notifies, so it is text: SQLAlchemy compiles it once (its
+# PostgreSQL INSERT ... ON CONFLICT construct stays out of the statement cache).
+_INSERT_NOTIFICATION = text(
+    "INSERT INTO notifications (user_id, job_id, event, payload, webhook_id, next_delivery_at) "
+    "VALUES (:user_id, :job_id, :event, :payload, :webhook_id, CASE WHEN :to_deliver THEN now() END) "
+    "ON CONFLICT (job_id, event) DO NOTHING RETURNING id").bindparams(
+    bindparam("job_id", type_=Uuid), bindparam("payload", type_=JSON), bindparam("to_deliver", type_=Boolean))
 
 
 def inbox(user_id: int, limit: int = 50) -> list[Notification]:

@@ -14,8 +14,7 @@ import os
 import tempfile
 from typing import Any, Iterable, Protocol
 
-from sqlalchemy import bindparam, delete, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import LargeBinary, bindparam, delete, select, text
 
 from renderq.db import db
 from renderq.models import Blob
@@ -37,11 +36,13 @@ class Storage(Protocol):
     def delete(self, keys: Iterable[str]) -> None: ...
 
 
-# One statement object for every put, run on the session's connection: SQLAlchemy builds,
-# compiles and keys it once, and the ORM's bulk-insert path (for an entity's INSERT through
-# Session.execute) is not in the way of a plain upsert on every upload and result.
-_INSERT_BLOB = insert(Blob).values(key=bindparam("key"), data=bindparam("data"))
-_UPSERT_BLOB = _INSERT_BLOB.on_conflict_do_update(index_elements=[Blob.key], set_={"data": _INSERT_BLOB.excluded.data})
+# Every upload and result is put, so the upsert is text, run on the session's connection:
+# SQLAlchemy compiles it once (its PostgreSQL INSERT ... ON CONFLICT construct stays out of
+# the statement cache and was compiled again on every put), and the ORM's bulk-insert path is
+# not in the way.
+_UPSERT_BLOB = text("INSERT INTO blobs (key, data) VALUES (:key, :data) "
+                    "ON CONFLICT (key) DO UPDATE SET data = excluded.data").bindparams(
+    bindparam("data", type_=LargeBinary))
 
 
 class PostgresStorage:
