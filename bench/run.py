@@ -216,23 +216,29 @@ def renderq_submitted(stack: BenchStack, clients: Clients, jobs: int, image: byt
     return jobs / elapsed
 
 
-def renderq_queued(stack: BenchStack, clients: Clients, jobs: int, image: bytes, concurrency: int) -> float:
+def renderq_queued(stack: BenchStack, clients: Clients, jobs: int, image: bytes, concurrency: int,
+                   profile_output: str | None = None) -> float:
     """Jobs per second on a backlog submitted while no worker ran: from the first claim to the
     last completion (database clock), so the worker's start-up is not counted."""
     stack.stop_worker()
     job_ids = clients.submit_photos(stack.web_url, jobs, image)
     stack.start_worker(concurrency)
+    profiler = Profiler(stack.worker.popen.pid, profile_output) if profile_output else None
     wait_terminal(stack, job_ids)
+    if profiler:
+        profiler.stop()
+        say(f"  py-spy stacks of the attempts worker (GIL held): {profile_output}")
     seconds = stack.scalar("SELECT extract(epoch FROM max(completed_at) - min(started_at)) FROM jobs "
                            "WHERE id = ANY(%s::uuid[])", (job_ids,))
     return jobs / float(seconds)
 
 
 class Profiler:
-    """py-spy sampling the attempts worker (raw collapsed stacks) until stopped."""
+    """py-spy sampling the attempts worker while a thread holds the GIL (raw collapsed stacks:
+    where its CPU goes) until stopped."""
 
     def __init__(self, pid: int, output: str):
-        self.popen = subprocess.Popen([str(BIN / "py-spy"), "record", "--pid", str(pid), "--subprocesses",
+        self.popen = subprocess.Popen([str(BIN / "py-spy"), "record", "--pid", str(pid), "--subprocesses", "--gil",
                                        "--format", "raw", "--rate", "200", "--output", output],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1)  # py-spy attaches
@@ -264,12 +270,9 @@ def goal_pipeline(sizes: Sizes, runs: int, profile_output: str | None) -> list[R
             for run in range(1, runs + 1):
                 for pool, worker in bare.items():
                     rates[f"bare {pool}"].append(worker.jobs_per_second(sizes.pipeline_jobs))
-                profiler = Profiler(stack.worker.popen.pid, profile_output) if profile_output and run == 1 else None
                 rates["submitted"].append(renderq_submitted(stack, clients, sizes.pipeline_jobs, image))
-                if profiler:
-                    profiler.stop()
-                    say(f"  py-spy stacks of the attempts worker: {profile_output}")
-                rates["queued"].append(renderq_queued(stack, clients, sizes.pipeline_jobs, image, PIPELINE_CONCURRENCY))
+                rates["queued"].append(renderq_queued(stack, clients, sizes.pipeline_jobs, image, PIPELINE_CONCURRENCY,
+                                                      profile_output if run == 1 else None))
                 say(f"  run {run}: " + ", ".join(f"{name} {values[-1]:.1f} jobs/s" for name, values in rates.items()))
         finally:
             for worker in bare.values():
@@ -532,8 +535,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=None, help="runs of goals 1-3, the median reported "
                                                                 "(default 3; 1 with --quick)")
     parser.add_argument("--profile-worker", metavar="FILE",
-                        help="goal 1: record the attempts worker with py-spy during the first renderq run "
-                             "(collapsed stacks; bench/profile_summary.py reads them)")
+                        help="goal 1: record the attempts worker with py-spy (--gil) during the first queued "
+                             "run (collapsed stacks; bench/profile_summary.py reads them)")
     args = parser.parse_args()
     # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: every stack stops its processes and
     # drops its database on the way out.

@@ -27,6 +27,7 @@ job's ticket directly and sends messages only for the rest.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import threading
@@ -37,7 +38,25 @@ from datetime import timedelta
 from typing import Any, Optional
 
 from flask import Flask, current_app
-from sqlalchemy import Select, and_, event, func, or_, select, text, tuple_, union_all, update
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    Select,
+    Uuid,
+    all_,
+    and_,
+    any_,
+    bindparam,
+    event,
+    func,
+    or_,
+    select,
+    text,
+    tuple_,
+    union_all,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from config import Settings
 from config.kinds import longest_hard_time_limit
@@ -113,12 +132,15 @@ class State:
 
 _LIVE = WorkerHost.expires_at > func.now()
 
+# A round runs for every slot that comes free, so its statements are built once per process:
+# building and hashing a statement cost more of the worker's CPU than PostgreSQL's answer.
 
-def _state(config: Settings, alone: bool = False) -> State:
-    """`alone`: read outside the session's transaction, in one round trip (see _hand_out_slots)."""
-    lost_since = func.now() - timedelta(seconds=longest_hard_time_limit())
+
+@functools.cache
+def _state_statement(lost_window_seconds: float) -> Select:
+    lost_since = func.now() - timedelta(seconds=lost_window_seconds)
     by_user = select(Job.user_id, func.count().label("n")).where(IN_FLIGHT).group_by(Job.user_id).subquery()
-    query = select(
+    return select(
         select(func.coalesce(func.sum(WorkerHost.slots), 0)).where(_LIVE).scalar_subquery().label("slots"),
         select(func.min(WorkerHost.generator_cap).filter(WorkerHost.generator_cap > 0)).where(_LIVE)
         .scalar_subquery().label("worker_cap"),
@@ -128,7 +150,12 @@ def _state(config: Settings, alone: bool = False) -> State:
         select(func.json_object_agg(by_user.c.user_id, by_user.c.n)).scalar_subquery().label("in_flight"),
         or_(select(Job.id).where(WAITING).exists(), select(Job.id).where(DUE_RETRY).exists()).label("waiting"),
     )
-    row = (execute_alone(query) if alone else db.session.execute(query)).one()
+
+
+def _state(config: Settings, alone: bool = False) -> State:
+    """`alone`: read outside the session's transaction, in one round trip (see _hand_out_slots)."""
+    query = _state_statement(longest_hard_time_limit())
+    row = (execute_alone(query) if alone else db.session.connection().execute(query)).one()
     caps = [cap for cap in (row.worker_cap, config.generator_max_inflight) if cap]
     return State(int(row.slots), min(caps) if caps else 0, int(row.lost),
                  {int(user): int(count) for user, count in (row.in_flight or {}).items()}, bool(row.waiting))
@@ -139,18 +166,36 @@ def generator_cap() -> int:
     return _state(settings()).generator_cap
 
 
+_LOCK = text("SELECT pg_advisory_xact_lock(%d)" % DISPATCH_LOCK)
+
+
 def _lock() -> None:
-    db.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": DISPATCH_LOCK})
+    db.session.connection().execute(_LOCK)
+
+
+def _first(condition: Any) -> Select:
+    return (select(Job.id, Job.user_id, Job.fair_tag, User.max_inflight).join(User, User.id == Job.user_id)
+            .where(condition, Job.user_id != all_(bindparam("skip_users", type_=ARRAY(Integer))))
+            .order_by(Job.fair_tag, Job.id).limit(bindparam("limit", type_=Integer)))
+
+
+_BOTH = union_all(_first(DUE_RETRY), _first(WAITING)).subquery()
+_CANDIDATES = select(_BOTH).order_by(_BOTH.c.fair_tag, _BOTH.c.id)
 
 
 def _candidates(limit: int, skip_users: set[int]) -> list[Any]:
     """The first `limit` due retries and the first `limit` waiting jobs, by tag, in one statement."""
-    def first(condition: Any) -> Any:
-        query = (select(Job.id, Job.user_id, Job.fair_tag, User.max_inflight).join(User, User.id == Job.user_id)
-                 .where(condition).order_by(Job.fair_tag, Job.id).limit(limit))
-        return query.where(Job.user_id.not_in(skip_users)) if skip_users else query
-    both = union_all(first(DUE_RETRY), first(WAITING)).subquery()
-    return list(db.session.execute(select(both).order_by(both.c.fair_tag, both.c.id)))
+    return list(db.session.connection().execute(_CANDIDATES, {"limit": limit, "skip_users": list(skip_users)}))
+
+
+# The tickets, and the clock moved on to the last tag dispatched, in one statement.
+_SENT = (update(Job).where(Job.id == any_(bindparam("job_ids", type_=ARRAY(Uuid))), or_(WAITING, DUE_RETRY))
+         .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
+         .returning(Job.id, Job.dispatch_token, Job.kind, Job.trace_parent).cte("sent"))
+_CLOCK = (update(SchedulerClock).where(SchedulerClock.id == 1)
+          .values(fair_tag=func.greatest(SchedulerClock.fair_tag, bindparam("last_tag", type_=BigInteger)))
+          .cte("clock"))
+_SEND = select(_SENT.c.id, _SENT.c.dispatch_token, _SENT.c.kind, _SENT.c.trace_parent).add_cte(_CLOCK)
 
 
 def _pick(free: int, in_flight: dict[int, int], generator_cap: int) -> list[Any]:
@@ -215,15 +260,8 @@ def _hand_out_slots(look_first: bool = False) -> Round:
     if not rows:
         db.session.rollback()
         return Round(read_at, [], state.full)
-    # One statement: the tickets, and the clock moved on to the last tag dispatched.
-    sent = (update(Job).where(Job.id.in_([row.id for row in rows]), or_(WAITING, DUE_RETRY))
-            .values(dispatch_token=func.gen_random_uuid(), dispatched_at=func.now())
-            .returning(Job.id, Job.dispatch_token, Job.kind, Job.trace_parent).cte("sent"))
-    clock = (update(SchedulerClock).where(SchedulerClock.id == 1)
-             .values(fair_tag=func.greatest(SchedulerClock.fair_tag, max(row.fair_tag for row in rows)))
-             .cte("clock"))
-    tickets = db.session.execute(select(sent.c.id, sent.c.dispatch_token, sent.c.kind, sent.c.trace_parent)
-                                 .add_cte(clock)).all()
+    tickets = db.session.connection().execute(_SEND, {"job_ids": [row.id for row in rows],
+                                                      "last_tag": max(row.fair_tag for row in rows)}).all()
     db.session.commit()
     return Round(read_at, tickets, full=False)
 
