@@ -1,6 +1,6 @@
 """The database handle, instantiated once here and bound to an app in renderq.app."""
 import time
-from typing import Any
+from typing import Any, Optional
 
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import Engine, Executable, Result, event
@@ -17,11 +17,11 @@ db = SQLAlchemy(model_class=Base)
 PING_AFTER_IDLE_SECONDS = 0.25
 
 
-def execute_alone(statement: Executable) -> Result:
+def execute_alone(statement: Executable, parameters: Optional[dict] = None) -> Result:
     """One statement that is a transaction by itself, run outside the session's transaction in
     a single round trip: without the BEGIN before it and the COMMIT after (autocommit)."""
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        return connection.execute(statement).freeze()()
+        return connection.execute(statement, parameters).freeze()()
 
 
 def ping_connections_left_idle(engine: Engine) -> None:

@@ -10,6 +10,7 @@ in one transaction.
 """
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Callable, Optional
 from sqlalchemy import (
     BigInteger,
     Integer,
+    String,
     Select,
     Uuid,
     and_,
@@ -28,7 +30,6 @@ from sqlalchemy import (
     extract,
     func,
     insert,
-    literal,
     null,
     or_,
     select,
@@ -132,8 +133,8 @@ def guarded_update(job_id: uuid.UUID, guard: Any, values: dict, returning: tuple
                    attempt: Optional[tuple[Claim, AttemptRecord]] = None) -> Any:
     """One guarded UPDATE (and the attempt's record, if any), committed and announced as a
     status event; the row it returned, or None if the guard did not match."""
-    row = _update_and_record(update(Job).where(Job.id == job_id, guard).values(updated_at=func.now(), **values)
-                             .returning(*_with_snapshot(*returning)), attempt)
+    statement = update(Job).where(Job.id == job_id, guard).values(updated_at=func.now(), **values)
+    row = _update_and_record(statement.returning(*_with_snapshot(*returning)), attempt)
     if attempt is not None and row is None:
         _record_if_latest(*attempt)
     db.session.commit()
@@ -141,33 +142,57 @@ def guarded_update(job_id: uuid.UUID, guard: Any, values: dict, returning: tuple
     return row
 
 
-def _update_and_record(statement: Any, attempt: Optional[tuple[Claim, AttemptRecord]]) -> Any:
+def _update_and_record(statement: Any, attempt: Optional[tuple[Claim, AttemptRecord]],
+                       parameters: Optional[dict] = None) -> Any:
     """The row a guarded UPDATE ... RETURNING returned, or None; with `attempt`, the attempt's
     history row is written by the same statement if the UPDATE matched (one round trip)."""
-    if attempt is None:
-        return db.session.execute(statement).first()
+    return db.session.connection().execute(_and_record(statement, attempt and _timed(attempt[1])),
+                                           {**(parameters or {}), **_attempt_parameters(attempt)}).first()
+
+
+def _and_record(statement: Any, timed: Optional[bool]) -> Any:
+    """`statement`, and (unless `timed` is None: no attempt) the INSERT of the attempt's record
+    if it returns a row."""
+    if timed is None:
+        return statement
     changed = statement.cte("changed")
-    recorded = _attempt_insert(*attempt, lambda row: row.select_from(changed)).cte("recorded")
-    return db.session.execute(select(changed).add_cte(recorded)).first()
+    return select(changed).add_cte(_attempt_insert(timed, lambda row: row.select_from(changed)).cte("recorded"))
 
 
-def _attempt_row(claim: Claim, attempt: AttemptRecord) -> dict[str, Any]:
-    """The attempt's history row, as SQL expressions by column."""
+_ATTEMPT_VALUES = ("job_id", "number", "kind", "tier", "outcome", "error_code", "started_at")
+
+
+def _timed(attempt: AttemptRecord) -> bool:
+    return attempt.duration_seconds is not None
+
+
+def _attempt_row(timed: bool) -> dict[str, Any]:
+    """The attempt's history row, as SQL expressions by column (its values are parameters:
+    see _attempt_parameters). Parameters are named apart from the jobs' columns: SQLAlchemy
+    adds a parameter named like a column to the SET of an UPDATE on that table."""
     columns = JobAttempt.__table__.c
-    values = {"job_id": claim.job_id, "number": claim.attempts, "kind": claim.kind,
-              "tier": policy.tier(claim.retry_count), "outcome": attempt.outcome, "error_code": attempt.error_code,
-              "started_at": claim.started_at}
-    row: dict[str, Any] = {name: literal(value, type_=columns[name].type) for name, value in values.items()}
-    row["duration_ms"] = (
-        literal(int(attempt.duration_seconds * 1000)) if attempt.duration_seconds is not None
-        else cast(extract("epoch", func.clock_timestamp() - row["started_at"]) * 1000, Integer))
+    row = {name: bindparam("history_" + name, type_=columns[name].type) for name in _ATTEMPT_VALUES}
+    row["duration_ms"] = (bindparam("history_duration_ms", type_=Integer) if timed
+                          else cast(extract("epoch", func.clock_timestamp() - row["started_at"]) * 1000, Integer))
     return row
 
 
-def _attempt_insert(claim: Claim, attempt: AttemptRecord, chosen: Callable[[Select], Select]) -> Any:
-    """The INSERT of the attempt's history row, from the SELECT of its values that `chosen`
+def _attempt_parameters(attempt: Optional[tuple[Claim, AttemptRecord]]) -> dict[str, Any]:
+    if attempt is None:
+        return {}
+    claim, record = attempt
+    values = {"job_id": claim.job_id, "number": claim.attempts, "kind": claim.kind,
+              "tier": policy.tier(claim.retry_count), "outcome": record.outcome, "error_code": record.error_code,
+              "started_at": claim.started_at}
+    if _timed(record):
+        values["duration_ms"] = int(record.duration_seconds * 1000)
+    return {"history_" + name: value for name, value in values.items()}
+
+
+def _attempt_insert(timed: bool, chosen: Callable[[Select], Select]) -> Any:
+    """The INSERT of an attempt's history row, from the SELECT of its values that `chosen`
     shapes (the row it is written for, the condition it is written under)."""
-    row = _attempt_row(claim, attempt)
+    row = _attempt_row(timed)
     return insert(JobAttempt).from_select(list(row), chosen(select(*(value.label(name) for name, value in row.items()))))
 
 
@@ -183,7 +208,31 @@ def _record_if_latest(claim: Claim, attempt: AttemptRecord) -> None:
                                            JobAttempt.started_at == claim.started_at).exists()
     # Judged under the job row's lock: a claim of the next attempt running now is waited for, then seen.
     latest = and_(Job.id == claim.job_id, Job.attempts == claim.attempts, ~recorded)
-    db.session.execute(_attempt_insert(claim, attempt, lambda row: row.where(latest).with_for_update(of=Job)))
+    db.session.connection().execute(
+        _attempt_insert(_timed(attempt), lambda row: row.where(latest).with_for_update(of=Job)),
+        _attempt_parameters((claim, attempt)))
+
+
+# What an attempt's own claim guards with (Claim.holds), its lease token a parameter.
+_HOLDS = and_(Job.status == Status.PROCESSING, Job.lease_token == bindparam("held_lease", type_=Uuid))
+
+
+def _finish_statement(transition: str, guard: Any, value_names: tuple[str, ...], timed: Optional[bool]) -> Any:
+    """A finish's statement, its values parameters: `finished_id`, and `new_<column>` for each
+    of `value_names`."""
+    values = {name: bindparam("new_" + name, type_=Job.__table__.c[name].type) for name in value_names}
+    return _and_record(
+        update(Job).where(Job.id == bindparam("finished_id", type_=Uuid), _leaves(transition), guard,
+                          User.id == Job.user_id)
+        .values(status=TRANSITIONS[transition].target, updated_at=func.now(), completed_at=func.now(),
+                lease_token=null(), lease_expires_at=null(), dispatch_token=null(), **values)
+        .returning(*_with_snapshot(*notify.JOB_COLUMNS), *notify.USER_COLUMNS), timed)
+
+
+# An attempt ends in one of these for every job, so they are built once per shape: building
+# and hashing the statement cost the worker more than PostgreSQL's answer to it.
+_attempt_finish_statement = functools.cache(
+    lambda transition, value_names, timed: _finish_statement(transition, _HOLDS, value_names, timed))
 
 
 def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settings: Settings,
@@ -191,13 +240,17 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
             on_win: Optional[Callable[[], None]] = None) -> Optional[Finished]:
     """The one way into a terminal status: in a single transaction, the guarded UPDATE, the
     attempt's record, the ledger's capture or release, the notification row, and `on_win`
-    (the result, where storage joins the transaction)."""
+    (the result, where storage joins the transaction). `guard` None: the attempt's own claim."""
     status = TRANSITIONS[transition].target
-    won = _update_and_record(
-        update(Job).where(Job.id == job_id, _leaves(transition), guard, User.id == Job.user_id)
-        .values(status=status, updated_at=func.now(), completed_at=func.now(), lease_token=None,
-                lease_expires_at=None, dispatch_token=None, **values)
-        .returning(*_with_snapshot(*notify.JOB_COLUMNS), *notify.USER_COLUMNS), attempt)
+    timed = attempt and _timed(attempt[1])
+    parameters = {"finished_id": job_id, **{"new_" + name: value for name, value in values.items()},
+                  **_attempt_parameters(attempt)}
+    if guard is None:
+        statement = _attempt_finish_statement(transition, tuple(values), timed)
+        parameters["held_lease"] = attempt[0].token
+    else:
+        statement = _finish_statement(transition, guard, tuple(values), timed)
+    won = db.session.connection().execute(statement, parameters).first()
     if won is None:
         db.session.rollback()
         if attempt is not None:
@@ -221,26 +274,36 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
     the ticket is not the job's any more (a stale or duplicated message steps aside).
     `with_photo`: the photo's bytes come back in the same statement (they are in `blobs`)."""
     token = uuid.uuid4()
+    # Before the statement: a process frozen while the claim is on the wire (committed, not yet
+    # read) must count that time against the lease, which started by the database's clock.
+    sent_at = time.monotonic()
+    row = execute_alone(_claim_statement(lease_seconds, with_photo),
+                        {"claimed_id": job_id, "ticket": ticket, "new_lease": token, "host": worker_host}).first()
+    events.record([row])
+    return claim_from(row, token, taken_at=sent_at) if row else None
+
+
+@functools.cache
+def _claim_statement(lease_seconds: float, with_photo: bool) -> Any:
+    """Every attempt starts with this statement, so it is built once per process (see
+    _attempt_finish_statement); its parameters: claimed_id, ticket, new_lease and host."""
     photo_key = select(Photo.path).where(Photo.id == Job.photo_id).scalar_subquery()
     photo = (select(Blob.data).join(Photo, Photo.path == Blob.key).where(Photo.id == Job.photo_id)
              .scalar_subquery() if with_photo else null()).label("photo")
     background_try = and_(Job.status == Status.PROCESSING, Job.lease_token.is_(None))
-    # Before the statement: a process frozen while the claim is on the wire (committed, not yet
-    # read) must count that time against the lease, which started by the database's clock.
-    sent_at = time.monotonic()
-    row = execute_alone(
-        update(Job).where(Job.id == job_id, Job.dispatch_token == ticket, or_(_leaves("claim"), background_try))
-        .values(status=TRANSITIONS["claim"].target, attempts=Job.attempts + 1, lease_token=token,
+    return (
+        update(Job).where(Job.id == bindparam("claimed_id", type_=Uuid),
+                          Job.dispatch_token == bindparam("ticket", type_=Uuid), or_(_leaves("claim"), background_try))
+        .values(status=TRANSITIONS["claim"].target, attempts=Job.attempts + 1,
+                lease_token=bindparam("new_lease", type_=Uuid),
                 lease_expires_at=func.now() + timedelta(seconds=lease_seconds),
                 attempt_started_at=func.clock_timestamp(),  # after any wait for the row, unlike now()
-                started_at=func.coalesce(Job.started_at, func.now()), next_retry_at=None, dispatch_token=None,
-                worker_host=worker_host, updated_at=func.now())
+                started_at=func.coalesce(Job.started_at, func.now()), next_retry_at=null(), dispatch_token=null(),
+                worker_host=bindparam("host", type_=String), updated_at=func.now())
         .returning(*_with_snapshot(*CLAIM_COLUMNS),
                    select(User.safety_agreed_at.is_not(None)).where(User.id == Job.user_id)
                    .scalar_subquery().label("safety_agreed"),
-                   photo_key.label("photo_key"), photo)).first()
-    events.record([row])
-    return claim_from(row, token, taken_at=sent_at) if row else None
+                   photo_key.label("photo_key"), photo))
 
 
 def claim_background_batch(limit: int, settings: Settings) -> list[Any]:
@@ -262,7 +325,7 @@ def claim_background_batch(limit: int, settings: Settings) -> list[Any]:
 
 def succeed(claim: Claim, result_key: str, attempt: AttemptRecord, settings: Settings,
             on_win: Optional[Callable[[], None]] = None) -> Optional[Finished]:
-    return _finish(claim.job_id, "succeed", claim.holds(), dict(
+    return _finish(claim.job_id, "succeed", None, dict(
         outcome=Outcome.SUCCEEDED, result_path=result_key, error_code=None), settings, (claim, attempt), on_win)
 
 
@@ -274,12 +337,12 @@ def result_of(job_id: uuid.UUID) -> Optional[str]:
 
 
 def block(claim: Claim, block_reason: str, attempt: AttemptRecord, settings: Settings) -> Optional[Finished]:
-    return _finish(claim.job_id, "block", claim.holds(), dict(
+    return _finish(claim.job_id, "block", None, dict(
         outcome=Outcome.BLOCKED, block_reason=block_reason, error_code=None), settings, (claim, attempt))
 
 
 def fail(claim: Claim, error_code: str, detail: str, attempt: AttemptRecord, settings: Settings) -> Optional[Finished]:
-    return _finish(claim.job_id, "fail", claim.holds(), dict(error_code=error_code, error_detail=detail), settings,
+    return _finish(claim.job_id, "fail", None, dict(error_code=error_code, error_detail=detail), settings,
                    (claim, attempt))
 
 
@@ -320,7 +383,6 @@ def record_transient_failure(claim: Claim, error_code: str, detail: str, attempt
     """Move the job on after a transient failure: (the step taken, or None if the claim was
     lost meanwhile; and the Finished record when the step was to `failed`). `guard` narrows
     the claim's own (the reconciler's recovery re-checks that the lease is still expired)."""
-    guard = claim.holds() if guard is None else guard
     step = policy.plan_after_transient_failure(claim.attempts, claim.retry_count,
                                                datetime.now(timezone.utc) - claim.created_at, settings, retry_after)
     values: dict = dict(error_code=error_code, error_detail=detail)
@@ -330,7 +392,7 @@ def record_transient_failure(claim: Claim, error_code: str, detail: str, attempt
     if step.retry_in is not None:
         values["next_retry_at"] = func.now() + timedelta(seconds=step.retry_in)
     transition = "retry_later" if step.status == Status.RETRYING else "to_background"
-    won = guarded_update(claim.job_id, and_(_leaves(transition), guard),
+    won = guarded_update(claim.job_id, and_(_leaves(transition), claim.holds() if guard is None else guard),
                          dict(status=TRANSITIONS[transition].target, lease_token=None, lease_expires_at=None,
                               **values), attempt=(claim, attempt))
     return (step if won else None), None
