@@ -40,6 +40,10 @@ def available(user: User) -> int:
     return user.balance - user.held
 
 
+def available_credits(user_id: int) -> int:
+    return db.session.execute(select(User.balance - User.held).where(User.id == user_id)).scalar_one()
+
+
 def hold(user: User, job_id: uuid.UUID, price: int) -> None:
     """Put `price` on hold for a job; the caller has locked the user with lock_user()."""
     if price > available(user):

@@ -81,14 +81,10 @@ def weight(max_inflight: Optional[int]) -> int:
     return max(1, max_inflight or 1)
 
 
-def next_tag(user: User) -> int:
-    """The fair tag of a job `user` (locked by the caller) submits now; moves the user's tag on."""
-    return next_tags(user, 1)[0]
-
-
 def next_tags(user: User, count: int) -> list[int]:
     """The fair tags of `count` jobs `user` (locked by the caller) queues now, one after the
-    other (an admin's replay queues many at once); moves the user's tag on past the last."""
+    other (an admin's replay queues many at once); moves the user's tag on past the last. A
+    submission computes its one tag the same way, in its own statement (renderq.jobs.submit)."""
     clock = db.session.execute(select(SchedulerClock.fair_tag).where(SchedulerClock.id == 1)).scalar() or 0
     step = TAG_STEP // weight(user.max_inflight)
     start = max(user.fair_tag, clock)

@@ -3,20 +3,24 @@ place in the fair queue, commit, then ask the scheduler to send it (never before
 worker must find the row)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
 from typing import Optional
 
+from sqlalchemy import JSON, BigInteger, TextClause, Uuid, bindparam, text
+
 from config.kinds import KINDS, STYLES, JobKind, get_kind
 from renderq import billing, storage, tracing
 from renderq.db import db
-from renderq.errors import InvalidInput
+from renderq.enums import EntryKind, Status
+from renderq.errors import InsufficientCredits, InvalidInput
 from renderq.images import CheckedImage
 from renderq.jobs import idempotency, scheduler
 from renderq.logs import job_logging
-from renderq.models import Job, Photo, User
+from renderq.models import Job, Photo
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +56,6 @@ def check_idempotency_key(key: Optional[str]) -> Optional[str]:
     return key
 
 
-def _store_photo(user: User, image: CheckedImage) -> Photo:
-    photo_id = uuid.uuid4()
-    key = "photos/%s.%s" % (photo_id, image.extension)
-    storage.storage().put(key, image.data)  # with the default storage, in this transaction
-    photo = Photo(id=photo_id, user_id=user.id, path=key, content_type=image.content_type,
-                  width=image.width, height=image.height, size_bytes=len(image.data))
-    db.session.add(photo)
-    db.session.flush()  # the job row refers to it
-    return photo
-
-
 @dataclass(frozen=True)
 class Accepted:
     job: Job
@@ -77,42 +70,84 @@ def submit(user_id: int, kind: JobKind, params: dict, *,
     the job the first request made."""
     if kind.needs_photo and image is None and photo is None:
         raise InvalidInput("PHOTO_REQUIRED", "Kind %r needs a photo: upload one in the 'file' field." % kind.name)
-    user = billing.lock_user(user_id)
     if idempotency_key:
+        billing.lock_user(user_id)  # two requests with the same key: the second waits, then finds the first's job
         digest = idempotency.fingerprint(kind=kind.name, params=params, photo=str(photo.id) if photo else None,
                                          image=hashlib.sha256(image.data).hexdigest() if image else None)
-        replayed = idempotency.replayed_job(user.id, idempotency_key, digest)
+        replayed = idempotency.replayed_job(user_id, idempotency_key, digest)
         if replayed is not None:
-            accepted = _answer(db.session.get(Job, replayed), user)
+            job = db.session.get(Job, replayed)
+            accepted = Accepted(job, scheduler.queue_position(job))
+            _commit_keeping_what_was_read()
             tracing.mark_job(replayed)
             return accepted
     job_id = uuid.uuid4()
     with job_logging(job_id):  # the statements that make the job carry its id in traces too
-        # The tag first: the user's row then changes once (its tag and its held credits), in the
-        # flush that writes the hold.
-        fair_tag = scheduler.next_tag(user)
-        billing.hold(user, job_id, kind.price)
+        values = {"user_id": user_id, "job_id": job_id, "kind": kind.name, "params": params, "price": kind.price,
+                  "photo_id": photo.id if photo else None, "trace_parent": tracing.current_traceparent(),
+                  "tag_step": scheduler.TAG_STEP, "hold": EntryKind.HOLD, "pending": Status.PENDING}
         if image is not None:
-            photo = _store_photo(user, image)
-        job = Job(id=job_id, user_id=user.id, photo_id=photo.id if photo else None, kind=kind.name, params=params,
-                  price=kind.price, fair_tag=fair_tag, trace_parent=tracing.current_traceparent())
-        db.session.add(job)
-        db.session.flush()  # the INSERT returns the row's defaults: the answer needs no second read
+            values["photo_id"] = uuid.uuid4()
+            values.update(photo_path="photos/%s.%s" % (values["photo_id"], image.extension),
+                          content_type=image.content_type, width=image.width, height=image.height,
+                          size_bytes=len(image.data))
+            storage.storage().put(values["photo_path"], image.data)  # with the default storage, in this transaction
+        row = db.session.connection().execute(_accept_statement(image is not None), values).first()
+        if row is None:
+            db.session.rollback()
+            raise InsufficientCredits(kind.price, billing.available_credits(user_id))
         if idempotency_key:
-            idempotency.remember(user.id, idempotency_key, digest, job_id)
-        accepted = _answer(job, user)
+            idempotency.remember(user_id, idempotency_key, digest, job_id)
+        accepted = Accepted(Job(**{column: getattr(row, column) for column in _JOB_COLUMNS}), row.queue_position)
+        _commit_keeping_what_was_read()
         tracing.mark_job(job_id)
         log.info("📋 [QUEUE] job %s accepted (%s) for user %s", job_id, kind.name, user_id)
         scheduler.dispatch_soon()
     return accepted
 
 
-def _answer(job: Job, user: User) -> Accepted:
-    """Read the job's place before the commit and keep the rows as written (the commit would
-    expire them), so answering needs no second transaction."""
-    accepted = Accepted(job, scheduler.queue_position(job))
-    for answered in (job, user):
-        db.session.expunge(answered)
+def _commit_keeping_what_was_read() -> None:
+    """Commit, the rows read so far (the request's user) kept as they are: the commit would
+    expire them, and the answer would read them again."""
+    db.session.flush()  # what was added (an Idempotency-Key) is written before the session lets go of it
+    db.session.expunge_all()
     db.session.commit()
-    return accepted
 
+
+_JOB_COLUMNS = [column.key for column in Job.__table__.columns]
+
+
+@functools.cache
+def _accept_statement(with_photo: bool) -> TextClause:
+    """A submission in one statement: the user's hold and fair tag (if the credits suffice; else
+    no row), the ledger's hold, the photo, the job, and its place in the queue. The user's row
+    lock queues concurrent submissions of one user, as the credits check needs."""
+    photo = """
+        photo AS (
+            INSERT INTO photos (id, user_id, path, content_type, width, height, size_bytes)
+            SELECT :photo_id, id, :photo_path, :content_type, :width, :height, :size_bytes FROM held
+        ),""" if with_photo else ""
+    return text("""
+        WITH held AS (
+            UPDATE users
+               SET held = held + :price,
+                   fair_tag = GREATEST(fair_tag, COALESCE((SELECT fair_tag FROM scheduler_clock WHERE id = 1), 0))
+                              + :tag_step / GREATEST(1, COALESCE(max_inflight, 1))
+             WHERE id = :user_id AND balance - held >= :price
+            RETURNING id, fair_tag
+        ),
+        hold AS (
+            INSERT INTO ledger_entries (user_id, job_id, entry_type, amount) SELECT id, :job_id, :hold, :price FROM held
+        ),%s
+        job AS (
+            INSERT INTO jobs (id, user_id, photo_id, kind, params, price, status, attempts, retry_count, fair_tag,
+                              trace_parent)
+            SELECT :job_id, id, :photo_id, :kind, :params, :price, :pending, 0, 0, fair_tag, :trace_parent FROM held
+            RETURNING *
+        )
+        SELECT job.*, (SELECT count(*) FROM jobs waiting
+                        WHERE waiting.status = :pending AND waiting.dispatch_token IS NULL
+                          AND (waiting.fair_tag, waiting.id) < (job.fair_tag, job.id)) AS queue_position
+          FROM job
+    """ % photo).bindparams(bindparam("job_id", type_=Uuid), bindparam("photo_id", type_=Uuid),
+                           bindparam("params", type_=JSON), bindparam("tag_step", type_=BigInteger))
