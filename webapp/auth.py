@@ -7,7 +7,7 @@ import secrets
 from typing import Callable, TypeVar
 
 from flask import g, request
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from renderq.db import db
 from renderq.errors import Forbidden
@@ -29,13 +29,16 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+_BY_TOKEN_HASH = select(User).where(User.token_hash == bindparam("token_hash"))  # every request: built once
+
+
 def _authenticate() -> User:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "UNAUTHORIZED", "Send 'Authorization: Bearer <token>'; create a token with "
                                             "'flask --app webapp users create'.")
-    user = db.session.execute(select(User).where(User.token_hash == token_digest(token.strip()))).scalar()
+    user = db.session.execute(_BY_TOKEN_HASH, {"token_hash": token_digest(token.strip())}).scalar()
     if user is None:
         raise ApiError(401, "UNAUTHORIZED", "The bearer token is not valid.")
     return user
