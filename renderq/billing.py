@@ -1,6 +1,8 @@
 """Credits: a hold on acceptance, a capture on success, a release otherwise.
 
-Every function runs inside the caller's transaction. The unique index on (job, generation,
+A submission's hold is part of its one statement (renderq.jobs.submit), which checks the
+available credits and holds them on the user's row. Every function here runs inside the
+caller's transaction. The unique index on (job, generation,
 entry type) makes a second capture or release of the same run of a job a no-op, whatever is
 redelivered. A job's first run is generation 0; an admin's replay of a failed job
 (renderq.jobs.replay) starts the next generation with a hold of its own, which that run's
@@ -18,7 +20,6 @@ from sqlalchemy import insert, select, text
 
 from renderq.db import db
 from renderq.enums import EntryKind
-from renderq.errors import InsufficientCredits
 from renderq.models import LedgerEntry, User
 
 
@@ -42,14 +43,6 @@ def available(user: User) -> int:
 
 def available_credits(user_id: int) -> int:
     return db.session.execute(select(User.balance - User.held).where(User.id == user_id)).scalar_one()
-
-
-def hold(user: User, job_id: uuid.UUID, price: int) -> None:
-    """Put `price` on hold for a job; the caller has locked the user with lock_user()."""
-    if price > available(user):
-        raise InsufficientCredits(price, available(user))
-    db.session.add(LedgerEntry(user_id=user.id, job_id=job_id, entry_type=EntryKind.HOLD, amount=price))
-    user.held += price
 
 
 @dataclass(frozen=True)

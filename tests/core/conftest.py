@@ -9,8 +9,8 @@ from sqlalchemy import text
 
 from renderq import billing
 from renderq.db import db
-from renderq.enums import Status
-from renderq.models import Job, User
+from renderq.enums import EntryKind, Status
+from renderq.models import Job, LedgerEntry, User
 from tests.conftest import BASE_DATABASE_URL
 from tests.support import create_database, drop_database
 
@@ -62,7 +62,8 @@ def new_job(user: User, status: Status = Status.PENDING, price: int = 1, hold: b
     job_id = uuid.uuid4()
     locked = billing.lock_user(user.id)
     if hold:
-        billing.hold(locked, job_id, price)
+        db.session.add(LedgerEntry(user_id=user.id, job_id=job_id, entry_type=EntryKind.HOLD, amount=price))
+        locked.held += price
     job = Job(id=job_id, user_id=user.id, kind=kind, params={"style": "sepia", "prompt": ""},
               price=price, status=status, **values)
     db.session.add(job)

@@ -8,11 +8,13 @@ import pytest
 from sqlalchemy import func, select
 
 from config import load_settings
+from config.kinds import get_kind
 from renderq import billing, notify
 from renderq.db import db
 from renderq.enums import EntryKind, Event, Outcome, Status
 from renderq.errors import InsufficientCredits
-from renderq.models import LedgerEntry, Notification, User
+from renderq.jobs import submit
+from renderq.models import Job, LedgerEntry, Notification, User
 from tests.core.conftest import new_job, new_user
 
 
@@ -46,16 +48,16 @@ def test_a_release_gives_the_hold_back_and_charges_nothing(ctx):
     assert balances(user.id) == (5, 5)
 
 
-def test_a_hold_past_what_is_available_is_refused_and_writes_nothing(ctx):
+def test_a_submission_past_what_is_available_is_refused_and_writes_nothing(ctx):
     user = new_user(balance=3)
     new_job(user, price=2)
-    locked = billing.lock_user(user.id)
     with pytest.raises(InsufficientCredits) as refused:
-        billing.hold(locked, uuid.uuid4(), 2)
+        submit.submit(user.id, get_kind("image.generate"), {"style": "sepia", "prompt": ""})  # costs 2
     assert (refused.value.price, refused.value.available) == (2, 1)
-    db.session.rollback()
     assert db.session.execute(select(func.count()).select_from(LedgerEntry)
                               .where(LedgerEntry.user_id == user.id)).scalar() == 2  # the topup and one hold
+    assert db.session.execute(select(func.count()).select_from(Job).where(Job.user_id == user.id)).scalar() == 1
+    assert balances(user.id) == (3, 1)
 
 
 def test_balance_is_topups_minus_captures_and_available_subtracts_open_holds(ctx):
