@@ -88,11 +88,27 @@ class StorageSystem:
         self.backend, self.env, self.app = backend, env, app
         self.client = app.test_client()
 
-    def new_user(self) -> str:
+    def new_user(self, balance: int = 10) -> str:
         result = self.app.test_cli_runner().invoke(
-            args=["users", "create", "--email", "u%d@example.com" % time.monotonic_ns(), "--balance", "10"])
+            args=["users", "create", "--email", "u%d@example.com" % time.monotonic_ns(), "--balance", str(balance)])
         assert result.exit_code == 0, result.output
         return result.output.strip().splitlines()[-1]
+
+    def stored_keys(self) -> set[str]:
+        """Every key in the backend's own place."""
+        from sqlalchemy import select
+
+        from renderq.db import db
+        from renderq.models import Blob
+
+        if self.backend == "filesystem":
+            root = Path(self.env["MEDIA_ROOT"])
+            return {str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()}
+        if self.backend == "s3":
+            listed = bucket_client(self.env["S3_ENDPOINT_URL"]).list_objects_v2(Bucket=BUCKET).get("Contents", [])
+            return {item["Key"] for item in listed}
+        with self.app.app_context():
+            return set(db.session.execute(select(Blob.key)).scalars())
 
     def where_stored(self, keys: list[str]) -> list[bool]:
         """Whether each key is in the backend's own place: blob rows, files, or bucket objects."""
@@ -175,6 +191,13 @@ def test_a_job_runs_end_to_end_and_cleanup_deletes_its_files(system):
     assert _in_app(system.app, age_and_purge) == 1
     assert system.where_stored([photo_key, row.result_path]) == [False, False]
     assert system.client.get("/api/jobs/%s" % job_id, headers=headers).status_code == 404
+
+
+def test_an_upload_refused_for_want_of_credits_stores_nothing(system):
+    before = system.stored_keys()
+    refused = upload(system.client, system.new_user(balance=0), image=png_bytes((40, 30), "navy"))
+    assert refused.status_code == 402 and refused.get_json()["error"]["code"] == "INSUFFICIENT_CREDITS"
+    assert system.stored_keys() == before
 
 
 def test_s3_problems_are_named_by_readyz_and_answered_with_503(app, make_user, stack_env, moto):

@@ -95,6 +95,8 @@ def submit(user_id: int, kind: JobKind, params: dict, *,
         row = db.session.connection().execute(_accept_statement(image is not None), values).first()
         if row is None:
             db.session.rollback()
+            if image is not None and not storage.storage().transactional:
+                storage.storage().delete([values["photo_path"]])  # a refusal stores nothing
             raise InsufficientCredits(kind.price, billing.available_credits(user_id))
         if idempotency_key:
             idempotency.remember(user_id, idempotency_key, digest, job_id)
