@@ -142,12 +142,11 @@ def guarded_update(job_id: uuid.UUID, guard: Any, values: dict, returning: tuple
     return row
 
 
-def _update_and_record(statement: Any, attempt: Optional[tuple[Claim, AttemptRecord]],
-                       parameters: Optional[dict] = None) -> Any:
+def _update_and_record(statement: Any, attempt: Optional[tuple[Claim, AttemptRecord]]) -> Any:
     """The row a guarded UPDATE ... RETURNING returned, or None; with `attempt`, the attempt's
     history row is written by the same statement if the UPDATE matched (one round trip)."""
     return db.session.connection().execute(_and_record(statement, attempt and _timed(attempt[1])),
-                                           {**(parameters or {}), **_attempt_parameters(attempt)}).first()
+                                           _attempt_parameters(attempt)).first()
 
 
 def _and_record(statement: Any, timed: Optional[bool]) -> Any:
