@@ -3,7 +3,7 @@ import time
 from typing import Any, Optional
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import Engine, Executable, Result, event
+from sqlalchemy import ColumnElement, Engine, Executable, Result, String, event, literal_column
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, ORMExecuteState, Session
 
@@ -15,6 +15,14 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base)
 
 PING_AFTER_IDLE_SECONDS = 0.25
+
+
+def constant(name: str) -> ColumnElement[str]:
+    """A status (or another of renderq.enums' names) written into a statement's text rather than
+    bound as a parameter. PostgreSQL keeps one generic plan for a statement psycopg has prepared,
+    and that plan can use a partial index on status = 'pending' only if the text says 'pending';
+    with a parameter it either scans or plans the statement again on every run."""
+    return literal_column("'%s'" % name.replace("'", "''"), String)
 
 
 def execute_alone(statement: Executable, parameters: Optional[dict] = None) -> Result:

@@ -204,7 +204,11 @@ class JobAttempt(db.Model):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     duration_ms: Mapped[int]
 
-    __table_args__ = (Index("ix_job_attempts_started", "started_at"),)
+    __table_args__ = (
+        Index("ix_job_attempts_started", "started_at"),
+        # Every dispatch round counts the attempts lost lately (renderq.jobs.scheduler.State.lost).
+        Index("ix_job_attempts_lost", "started_at", postgresql_where=text("outcome = 'lost'")),
+    )
 
 
 class Blob(db.Model):

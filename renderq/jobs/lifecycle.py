@@ -40,7 +40,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from config import Settings
 from renderq import billing, events, notify
-from renderq.db import db, execute_alone
+from renderq.db import constant, db, execute_alone
 from renderq.enums import ACTIVE_STATUSES, AttemptOutcome, EntryKind, Outcome, Status
 from renderq.jobs import policy
 from renderq.models import Blob, Job, JobAttempt, Photo, User
@@ -67,7 +67,7 @@ TRANSITIONS: dict[str, Transition] = {
 
 
 def _leaves(name: str) -> Any:
-    return Job.status.in_(TRANSITIONS[name].sources)
+    return Job.status.in_([constant(status) for status in sorted(TRANSITIONS[name].sources)])
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def _record_if_latest(claim: Claim, attempt: AttemptRecord) -> None:
 
 
 # What an attempt's own claim guards with (Claim.holds), its lease token a parameter.
-_HOLDS = and_(Job.status == Status.PROCESSING, Job.lease_token == bindparam("held_lease", type_=Uuid))
+_HOLDS = and_(Job.status == constant(Status.PROCESSING), Job.lease_token == bindparam("held_lease", type_=Uuid))
 
 
 def _finish_statement(transition: str, guard: Any, value_names: tuple[str, ...], timed: Optional[bool]) -> Any:
@@ -289,7 +289,7 @@ def _claim_statement(lease_seconds: float, with_photo: bool) -> Any:
     photo_key = select(Photo.path).where(Photo.id == Job.photo_id).scalar_subquery()
     photo = (select(Blob.data).join(Photo, Photo.path == Blob.key).where(Photo.id == Job.photo_id)
              .scalar_subquery() if with_photo else null()).label("photo")
-    background_try = and_(Job.status == Status.PROCESSING, Job.lease_token.is_(None))
+    background_try = and_(Job.status == constant(Status.PROCESSING), Job.lease_token.is_(None))
     return (
         update(Job).where(Job.id == bindparam("claimed_id", type_=Uuid),
                           Job.dispatch_token == bindparam("ticket", type_=Uuid), or_(_leaves("claim"), background_try))

@@ -61,7 +61,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from config import Settings
 from config.kinds import longest_hard_time_limit
 from renderq import broker, events, tracing
-from renderq.db import db, execute_alone
+from renderq.db import constant, db, execute_alone
 from renderq.enums import AttemptOutcome, Status
 from renderq.jobs import lifecycle
 from renderq.models import Job, JobAttempt, SchedulerClock, User, WorkerHost
@@ -72,9 +72,10 @@ log = logging.getLogger(__name__)
 DISPATCH_LOCK = 7240002
 TAG_STEP = 1_000_000
 
-IN_FLIGHT = or_(Job.status == Status.PROCESSING, Job.dispatch_token.is_not(None))
-WAITING = and_(Job.status == Status.PENDING, Job.dispatch_token.is_(None))
-DUE_RETRY = and_(Job.status == Status.RETRYING, Job.dispatch_token.is_(None), Job.next_retry_at <= func.now())
+# The fair queue's conditions, each the predicate of a partial index (renderq.models.Job).
+IN_FLIGHT = or_(Job.status == constant(Status.PROCESSING), Job.dispatch_token.is_not(None))
+WAITING = and_(Job.status == constant(Status.PENDING), Job.dispatch_token.is_(None))
+DUE_RETRY = and_(Job.status == constant(Status.RETRYING), Job.dispatch_token.is_(None), Job.next_retry_at <= func.now())
 
 
 def weight(max_inflight: Optional[int]) -> int:
@@ -140,7 +141,7 @@ def _state_statement(lost_window_seconds: float) -> Select:
         select(func.coalesce(func.sum(WorkerHost.slots), 0)).where(_LIVE).scalar_subquery().label("slots"),
         select(func.min(WorkerHost.generator_cap).filter(WorkerHost.generator_cap > 0)).where(_LIVE)
         .scalar_subquery().label("worker_cap"),
-        select(func.count()).select_from(JobAttempt).where(JobAttempt.outcome == AttemptOutcome.LOST,
+        select(func.count()).select_from(JobAttempt).where(JobAttempt.outcome == constant(AttemptOutcome.LOST),
                                                            JobAttempt.started_at > lost_since)
         .scalar_subquery().label("lost"),
         select(func.json_object_agg(by_user.c.user_id, by_user.c.n)).scalar_subquery().label("in_flight"),
@@ -254,7 +255,9 @@ def _hand_out_slots(look_first: bool = False) -> Round:
     state = _state(config)
     rows = [] if state.full else _pick(state.free, dict(state.in_flight), state.generator_cap)
     if not rows:
-        db.session.rollback()
+        # Not a rollback, though the round only read: psycopg forgets every statement it has
+        # prepared on the connection at a ROLLBACK, and PostgreSQL then plans them all again.
+        db.session.commit()
         return Round(read_at, [], state.full)
     tickets = db.session.connection().execute(_SEND, {"job_ids": [row.id for row in rows],
                                                       "last_tag": max(row.fair_tag for row in rows)}).all()
