@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 
 from config import Settings
 from config.kinds import get_kind
-from renderq import broker, storage, tracing, workers
+from renderq import broker, events, storage, tracing, workers
 from renderq.db import db
 from renderq.enums import AttemptOutcome, Status, Tier
 from renderq.generator import client
@@ -62,16 +62,20 @@ def run_attempt(job_id: uuid.UUID, ticket: uuid.UUID, worker_host: str) -> None:
 def _run_handed_over(worker_host: str) -> None:
     until = time.monotonic() + HAND_OVER_SECONDS
     while time.monotonic() < until and workers.keeps_slots():
-        handed = scheduler.dispatcher().take()
+        handed = scheduler.dispatcher().take(worker_host)
         if handed is None:
             return
-        job_id, ticket, kind, trace_parent = handed
-        with tracing.handed_over_attempt(job_id, trace_parent):
+        with tracing.handed_over_attempt(handed.id, handed.trace_parent):
             try:
-                _run_one(job_id, ticket, worker_host, ask_on_commit=False)
+                if isinstance(handed, scheduler.HandedClaim):  # the round claimed it for this thread
+                    events.record([handed.row])
+                    _run_claimed(lifecycle.claim_from(handed.row, handed.row.lease_token, handed.taken_at),
+                                 ask_on_commit=False)
+                else:
+                    _run_one(handed.id, handed.dispatch_token, worker_host, ask_on_commit=False)
             except policy.RetryLater as step:
                 # The message Celery's retry would send for this job's own task.
-                broker.publish_timer(job_id, kind, step.countdown)
+                broker.publish_timer(handed.id, handed.kind, step.countdown)
     scheduler.dispatch_soon()  # stopped with its slot free
 
 
@@ -83,9 +87,14 @@ def _run_one(job_id: uuid.UUID, ticket: uuid.UUID, worker_host: str, ask_on_comm
         if claim is None:
             log.info("📋 [QUEUE] job %s: this message is stale (the job moved on); it steps aside", job_id)
             return
+    _run_claimed(claim, ask_on_commit)
+
+
+def _run_claimed(claim: Claim, ask_on_commit: bool) -> None:
+    with job_logging(claim.job_id):
         if ask_on_commit:
             scheduler.dispatch_on_next_commit()  # the outcome's commit frees this attempt's slot
-        _attempt(claim, config)
+        _attempt(claim, settings())
 
 
 def _attempt(claim: Claim, config: Settings) -> None:

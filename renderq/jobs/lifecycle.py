@@ -24,6 +24,7 @@ from sqlalchemy import (
     Select,
     Uuid,
     and_,
+    any_,
     bindparam,
     cast,
     column,
@@ -286,20 +287,35 @@ def claim(job_id: uuid.UUID, ticket: uuid.UUID, lease_seconds: float, worker_hos
 def _claim_statement(lease_seconds: float, with_photo: bool) -> Any:
     """Every attempt starts with this statement, so it is built once per process (see
     _attempt_finish_statement); its parameters: claimed_id, ticket, new_lease and host."""
+    background_try = and_(Job.status == constant(Status.PROCESSING), Job.lease_token.is_(None))
+    return _claiming(and_(Job.id == bindparam("claimed_id", type_=Uuid),
+                          Job.dispatch_token == bindparam("ticket", type_=Uuid), or_(_leaves("claim"), background_try)),
+                     bindparam("new_lease", type_=Uuid), lease_seconds, with_photo)
+
+
+def picked_claim_statement(lease_seconds: float, with_photo: bool) -> Any:
+    """The claims a dispatch round makes itself, in its transaction and under its lock, for the
+    jobs it hands straight to this process's threads (scheduler.Dispatcher.take): no message and
+    no ticket, each with a lease token of its own. Parameters: picked_ids, host."""
+    return _claiming(and_(Job.id == any_(bindparam("picked_ids", type_=ARRAY(Uuid))), _leaves("claim"),
+                          Job.dispatch_token.is_(None)),
+                     func.gen_random_uuid(), lease_seconds, with_photo)
+
+
+def _claiming(condition: Any, lease_token: Any, lease_seconds: float, with_photo: bool) -> Any:
+    """The UPDATE that starts an attempt of the jobs matching `condition`, returning what the
+    attempt needs (claim_from); `with_photo`: the photo's bytes too (they are in `blobs`)."""
     photo_key = select(Photo.path).where(Photo.id == Job.photo_id).scalar_subquery()
     photo = (select(Blob.data).join(Photo, Photo.path == Blob.key).where(Photo.id == Job.photo_id)
              .scalar_subquery() if with_photo else null()).label("photo")
-    background_try = and_(Job.status == constant(Status.PROCESSING), Job.lease_token.is_(None))
     return (
-        update(Job).where(Job.id == bindparam("claimed_id", type_=Uuid),
-                          Job.dispatch_token == bindparam("ticket", type_=Uuid), or_(_leaves("claim"), background_try))
-        .values(status=TRANSITIONS["claim"].target, attempts=Job.attempts + 1,
-                lease_token=bindparam("new_lease", type_=Uuid),
+        update(Job).where(condition)
+        .values(status=TRANSITIONS["claim"].target, attempts=Job.attempts + 1, lease_token=lease_token,
                 lease_expires_at=func.now() + timedelta(seconds=lease_seconds),
                 attempt_started_at=func.clock_timestamp(),  # after any wait for the row, unlike now()
                 started_at=func.coalesce(Job.started_at, func.now()), next_retry_at=null(), dispatch_token=null(),
                 worker_host=bindparam("host", type_=String), updated_at=func.now())
-        .returning(*_with_snapshot(*CLAIM_COLUMNS),
+        .returning(*_with_snapshot(*CLAIM_COLUMNS, Job.lease_token, Job.trace_parent),
                    select(User.safety_agreed_at.is_not(None)).where(User.id == Job.user_id)
                    .scalar_subquery().label("safety_agreed"),
                    photo_key.label("photo_key"), photo))

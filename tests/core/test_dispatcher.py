@@ -105,7 +105,8 @@ def test_while_no_slot_is_free_a_round_does_not_wait_for_the_lock(ctx):
         other.execute("SELECT pg_advisory_unlock(%s)", (scheduler.DISPATCH_LOCK,))
 
 
-def test_a_thread_that_freed_its_slot_is_handed_the_fairest_job_and_only_the_rest_go_to_the_broker(ctx, monkeypatch):
+def test_a_thread_that_freed_its_slot_is_handed_the_fairest_job_claimed_and_only_the_rest_go_to_the_broker(
+        ctx, monkeypatch):
     sent = []
     publish = broker.publish_attempt
     monkeypatch.setattr(broker, "publish_attempt", lambda job_id, *rest: sent.append(job_id) or publish(job_id, *rest))
@@ -115,12 +116,30 @@ def test_a_thread_that_freed_its_slot_is_handed_the_fairest_job_and_only_the_res
     try:
         first = new_job(new_user(), Status.PENDING, fair_tag=1)
         second = new_job(new_user(), Status.PENDING, fair_tag=2)
-        handed = scheduler.dispatcher().take(timeout=30)
-        assert handed is not None
-        job_id, ticket, kind, _ = handed
-        assert (job_id, kind) == (first.id, "photo.render")
-        assert db.session.execute(select(Job.dispatch_token).where(Job.id == first.id)).scalar() == ticket
+        handed = scheduler.dispatcher().take("worker-a@host", timeout=30)
+        assert isinstance(handed, scheduler.HandedClaim)
+        assert (handed.id, handed.kind) == (first.id, "photo.render")
+        claimed = db.session.execute(select(Job).where(Job.id == first.id)).scalar_one()
+        assert (claimed.status, claimed.attempts, claimed.worker_host, claimed.dispatch_token) == (
+            Status.PROCESSING, 1, "worker-a@host", None)
+        assert claimed.lease_token == handed.row.lease_token and claimed.lease_expires_at is not None
         assert sent == [second.id]
+        assert db.session.execute(select(Job.dispatch_token).where(Job.id == second.id)).scalar() is not None
+    finally:
+        _withdraw(host)
+
+
+def test_a_round_claims_no_job_for_a_thread_that_is_not_waiting_for_one(ctx, monkeypatch):
+    """Without a thread in `take`, every job a round picks goes out as a message, unclaimed."""
+    sent = []
+    monkeypatch.setattr(broker, "publish_attempt", lambda job_id, *rest: sent.append(job_id))
+    host = _slot_for("test-dispatcher/6")
+    try:
+        waiting = new_job(new_user(), Status.PENDING)
+        scheduler.dispatch_soon()
+        scheduler.finish_dispatching(timeout=10)
+        assert sent == [waiting.id]
+        assert db.session.execute(select(Job.status).where(Job.id == waiting.id)).scalar() == Status.PENDING
     finally:
         _withdraw(host)
 
@@ -129,8 +148,22 @@ def test_a_thread_that_freed_its_slot_is_told_when_no_job_waits(ctx):
     host = _slot_for("test-dispatcher/5")
     try:
         asked = time.monotonic()
-        assert scheduler.dispatcher().take(timeout=30) is None
+        assert scheduler.dispatcher().take("worker-a@host", timeout=30) is None
         assert time.monotonic() - asked < 30  # answered by the round, not given up on
+        assert scheduler.dispatcher().takers == []
+    finally:
+        _withdraw(host)
+
+
+def test_a_thread_whose_round_runs_past_its_wait_still_gets_the_job_the_round_claimed_for_it(ctx, monkeypatch):
+    """Nobody else would run a job claimed for a thread: it waits for the round's answer."""
+    hand_out = scheduler._hand_out_slots
+    monkeypatch.setattr(scheduler, "_hand_out_slots", lambda *args: time.sleep(1.5) or hand_out(*args))
+    host = _slot_for("test-dispatcher/7")
+    try:
+        waiting = new_job(new_user(), Status.PENDING)
+        handed = scheduler.dispatcher().take("worker-a@host", timeout=0.5)
+        assert isinstance(handed, scheduler.HandedClaim) and handed.id == waiting.id
         assert scheduler.dispatcher().takers == []
     finally:
         _withdraw(host)
