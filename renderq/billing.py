@@ -1,10 +1,11 @@
 """Credits: a hold on acceptance, a capture on success, a release otherwise.
 
 A submission's hold is part of its one statement (renderq.jobs.submit), which checks the
-available credits and holds them on the user's row. Every function here runs inside the
-caller's transaction. The unique index on (job, generation,
-entry type) makes a second capture or release of the same run of a job a no-op, whatever is
-redelivered. A job's first run is generation 0; an admin's replay of a failed job
+available credits and holds them on the user's row; a finish's capture or release is part of
+its one statement too (`settlement`). Every function here runs inside the caller's
+transaction. At most one capture or release settles each run of a job (its generation), whatever
+is redelivered, and a unique index on (job, generation, entry type) says so to anything that
+tries a second. A job's first run is generation 0; an admin's replay of a failed job
 (renderq.jobs.replay) starts the next generation with a hold of its own, which that run's
 end captures or releases: so balance = top-ups − captures and available = balance − open
 holds stay true however often a job is replayed, and a job is still captured at most once
@@ -12,15 +13,17 @@ holds stay true however often a job is replayed, and a job is still captured at 
 """
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import String, Uuid, and_, bindparam, case, insert, select, update
+from sqlalchemy.orm import aliased
 
-from renderq.db import db
+from renderq.db import constant, db
 from renderq.enums import EntryKind
-from renderq.models import LedgerEntry, User
+from renderq.models import Job, LedgerEntry, User
 
 
 def lock_user(user_id: int) -> User:
@@ -66,34 +69,40 @@ def hold_replays(users: dict[int, User], holds: list[ReplayHold]) -> int:
     return sum(entry.price for entry in holds)
 
 
-# The hold of the job's current generation (the caller's transaction has the job row) is
-# settled and the user's columns follow, in one statement.
-_SETTLE = text("""
-    WITH settled AS (
-        INSERT INTO ledger_entries (user_id, job_id, generation, entry_type, amount)
-        SELECT h.user_id, h.job_id, h.generation, :entry_type, h.amount
-          FROM ledger_entries h JOIN jobs j ON j.id = h.job_id AND j.generation = h.generation
-         WHERE h.job_id = :job_id AND h.entry_type = :hold
-           AND NOT EXISTS (SELECT 1 FROM ledger_entries s
-                            WHERE s.job_id = h.job_id AND s.generation = h.generation
-                              AND s.entry_type IN (:capture, :release))
-        ON CONFLICT DO NOTHING
-        RETURNING user_id, amount
-    )
-    UPDATE users SET held = users.held - settled.amount, balance = users.balance - settled.amount * :charged
-      FROM settled
-     WHERE users.id = settled.user_id
-    RETURNING users.id
-""")
+def settlement(jobs: Any) -> Any:
+    """The capture or release (the parameter `settle_as`) of the hold of each of `jobs`' current
+    generation, unless it was settled already, and the users' columns following it: a CTE for
+    the caller's statement (`jobs`: a CTE of job `id` and `generation`, whose rows the caller's
+    transaction has locked). A job's finish settles in its own statement this way
+    (renderq.jobs.lifecycle), and the unique index is the net under the NOT EXISTS."""
+    hold, done = aliased(LedgerEntry, name="hold"), aliased(LedgerEntry, name="done")
+    entries = insert(LedgerEntry).from_select(
+        ["user_id", "job_id", "generation", "entry_type", "amount"],
+        select(hold.user_id, hold.job_id, hold.generation, bindparam("settle_as", type_=String), hold.amount)
+        .join(jobs, and_(jobs.c.id == hold.job_id, jobs.c.generation == hold.generation))
+        .where(hold.entry_type == constant(EntryKind.HOLD),
+               ~select(done.id).where(done.job_id == hold.job_id, done.generation == hold.generation,
+                                      done.entry_type.in_([constant(EntryKind.CAPTURE),
+                                                           constant(EntryKind.RELEASE)])).exists())
+    ).returning(LedgerEntry.user_id, LedgerEntry.entry_type, LedgerEntry.amount).cte("settled")
+    charged = case((entries.c.entry_type == constant(EntryKind.CAPTURE), entries.c.amount), else_=0)
+    return (update(User).where(User.id == entries.c.user_id)
+            .values(held=User.held - entries.c.amount, balance=User.balance - charged)
+            .returning(User.id).cte("credited"))
+
+
+@functools.cache
+def _settle_statement() -> Any:
+    job = select(Job.id, Job.generation).where(Job.id == bindparam("settled_id", type_=Uuid)).cte("job")
+    return select(settlement(job).c.id)
 
 
 def settle(job_id: uuid.UUID, entry_type: EntryKind) -> bool:
-    """Capture or release the hold of the job's current generation, once; False if it was
-    already settled (or never held)."""
+    """Capture or release the hold of the job's current generation, once, in the caller's
+    transaction; False if it was already settled (or never held)."""
     assert entry_type in (EntryKind.CAPTURE, EntryKind.RELEASE)
-    return db.session.execute(_SETTLE, {
-        "job_id": job_id, "entry_type": entry_type, "charged": int(entry_type == EntryKind.CAPTURE),
-        "hold": EntryKind.HOLD, "capture": EntryKind.CAPTURE, "release": EntryKind.RELEASE}).first() is not None
+    return db.session.connection().execute(_settle_statement(), {
+        "settled_id": job_id, "settle_as": entry_type}).first() is not None
 
 
 def top_up(user: User, amount: int) -> None:

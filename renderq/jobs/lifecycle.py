@@ -218,15 +218,20 @@ _HOLDS = and_(Job.status == constant(Status.PROCESSING), Job.lease_token == bind
 
 
 def _finish_statement(transition: str, guard: Any, value_names: tuple[str, ...], timed: Optional[bool]) -> Any:
-    """A finish's statement, its values parameters: `finished_id`, and `new_<column>` for each
-    of `value_names`."""
+    """A finish's statement: the guarded UPDATE, the ledger's settlement (billing.settlement: the
+    parameter `settle_as`) and, unless `timed` is None, the attempt's record. Its values are
+    parameters: `finished_id`, and `new_<column>` for each of `value_names`."""
     values = {name: bindparam("new_" + name, type_=Job.__table__.c[name].type) for name in value_names}
-    return _and_record(
+    changed = (
         update(Job).where(Job.id == bindparam("finished_id", type_=Uuid), _leaves(transition), guard,
                           User.id == Job.user_id)
         .values(status=TRANSITIONS[transition].target, updated_at=func.now(), completed_at=func.now(),
                 lease_token=null(), lease_expires_at=null(), dispatch_token=null(), **values)
-        .returning(*_with_snapshot(*notify.JOB_COLUMNS), *notify.USER_COLUMNS), timed)
+        .returning(*_with_snapshot(*notify.JOB_COLUMNS, Job.generation), *notify.USER_COLUMNS).cte("changed"))
+    statement = select(changed).add_cte(billing.settlement(changed))
+    if timed is None:
+        return statement
+    return statement.add_cte(_attempt_insert(timed, lambda row: row.select_from(changed)).cte("recorded"))
 
 
 # An attempt ends in one of these for every job, so they are built once per shape: building
@@ -244,6 +249,7 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
     status = TRANSITIONS[transition].target
     timed = attempt and _timed(attempt[1])
     parameters = {"finished_id": job_id, **{"new_" + name: value for name, value in values.items()},
+                  "settle_as": EntryKind.CAPTURE if values.get("outcome") == Outcome.SUCCEEDED else EntryKind.RELEASE,
                   **_attempt_parameters(attempt)}
     if guard is None:
         statement = _attempt_finish_statement(transition, tuple(values), timed)
@@ -259,7 +265,6 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
         return None
     if on_win is not None:
         on_win()
-    billing.settle(job_id, EntryKind.CAPTURE if values.get("outcome") == Outcome.SUCCEEDED else EntryKind.RELEASE)
     event = notify.event_for(status, values.get("outcome"), settings)
     notification_id = notify.record(won, event, settings) if event else None
     db.session.commit()
