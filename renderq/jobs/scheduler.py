@@ -52,6 +52,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     tuple_,
     union_all,
     update,
@@ -152,7 +153,10 @@ def _state_statement(lost_window_seconds: float) -> Select:
 def _state(config: Settings, alone: bool = False) -> State:
     """`alone`: read outside the session's transaction, in one round trip (see _hand_out_slots)."""
     query = _state_statement(longest_hard_time_limit())
-    row = (execute_alone(query) if alone else db.session.connection().execute(query)).one()
+    return _state_of((execute_alone(query) if alone else db.session.connection().execute(query)).one(), config)
+
+
+def _state_of(row: Any, config: Settings) -> State:
     caps = [cap for cap in (row.worker_cap, config.generator_max_inflight) if cap]
     return State(int(row.slots), min(caps) if caps else 0, int(row.lost),
                  {int(user): int(count) for user, count in (row.in_flight or {}).items()}, bool(row.waiting))
@@ -195,15 +199,37 @@ _CLOCK = (update(SchedulerClock).where(SchedulerClock.id == 1)
 _SEND = select(_SENT.c.id, _SENT.c.dispatch_token, _SENT.c.kind, _SENT.c.trace_parent).add_cte(_CLOCK)
 
 
-def _pick(free: int, in_flight: dict[int, int], generator_cap: int) -> list[Any]:
+@functools.cache
+def _state_and_first_statement(lost_window_seconds: float) -> Select:
+    """The state and the first candidates (_CANDIDATES with no user skipped), in one statement:
+    a row per candidate, each with the state's columns (a single row of them, its candidate
+    columns null, if nothing waits)."""
+    state = _state_statement(lost_window_seconds).subquery("state")
+    first = _CANDIDATES.subquery("first")
+    return select(state, first).select_from(state.outerjoin(first, true()))
+
+
+def _state_and_first(config: Settings, limit: int) -> tuple[State, list[Any]]:
+    """The state, and the first candidates up to `limit` of each kind (see _candidates)."""
+    rows = db.session.connection().execute(_state_and_first_statement(longest_hard_time_limit()),
+                                           {"limit": limit, "skip_users": []}).all()
+    return _state_of(rows[0], config), [row for row in rows if row.id is not None]
+
+
+def _pick(free: int, in_flight: dict[int, int], generator_cap: int,
+          first: tuple[list[Any], int] = ([], 0)) -> list[Any]:
     """Up to `free` waiting jobs (pending, or retries that are due), lowest tag first, within
-    each user's cap."""
+    each user's cap. `first`: candidates read already, and the limit they were read with; they
+    stand for the first read if that limit reaches as far."""
     picked: list[Any] = []
     capped: set[int] = set()
-    for _ in range(4):  # each round skips the users the last one filled up
+    rows, limit = first
+    for number in range(4):  # each read skips the users the last one filled up
         want = free - len(picked)
+        if number or limit < want * 2:
+            limit = want * 2
+            rows = _candidates(limit, capped)
         taken = {row.id for row in picked}
-        rows = _candidates(want * 2, capped)
         for row in rows:
             if row.id in taken:
                 continue
@@ -215,7 +241,7 @@ def _pick(free: int, in_flight: dict[int, int], generator_cap: int) -> list[Any]
             in_flight[row.user_id] = in_flight.get(row.user_id, 0) + 1
             if len(picked) == free:
                 return picked
-        if len(rows) < want * 2:  # nothing more is waiting
+        if len(rows) < limit:  # nothing more is waiting
             return picked
     return picked
 
@@ -283,8 +309,11 @@ def _hand_out_slots(look_first: bool = False, claim_for: int = 0, worker_host: s
     _lock()
     if not look_first:
         read_at = time.monotonic()
-    state = _state(config)
-    rows = [] if state.full else _pick(state.free, dict(state.in_flight), state.generator_cap)
+    # The candidates a round usually needs are read with the state: a round mostly fills the
+    # slots of the threads waiting for it.
+    first_limit = 2 * max(claim_for, 1)
+    state, first = _state_and_first(config, first_limit)
+    rows = [] if state.full else _pick(state.free, dict(state.in_flight), state.generator_cap, (first, first_limit))
     if not rows:
         # Not a rollback, though the round only read: psycopg forgets every statement it has
         # prepared on the connection at a ROLLBACK, and PostgreSQL then plans them all again.
