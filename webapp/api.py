@@ -79,9 +79,8 @@ def _accepted(accepted: submit.Accepted) -> Response:
         if wait and job.status not in TERMINAL_STATUSES:
             with headers.waiting_room.enter() as admitted:  # past the bound: an immediate 202
                 if admitted:
-                    job_id, user_id = job.id, g.user.id
+                    job_id = job.id
                     events.wait_until_terminal(job_id, wait, lambda: _status_without_a_connection(job_id))
-                    g.user = db.session.get(User, user_id)  # the session was closed for the wait
                     job = db.session.get(Job, job_id)
                     position = scheduler.queue_position(job)
         response = jsonify(job_resource(job, locale_of(g.user, settings().default_locale), position,

@@ -1,12 +1,15 @@
 """The caller's own account: profile and balance, settings, notifications, safety consent."""
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response, g, jsonify, request
 from sqlalchemy import func
 
 from renderq import notify
 from renderq.db import db
 from renderq.errors import InvalidInput
+from renderq.models import User
 from renderq.runtime import settings
 from renderq.webhook_http import UnsafeUrl, check_url
 from webapp.auth import login_required
@@ -16,8 +19,7 @@ from webapp.resources import iso
 blueprint = Blueprint("me", __name__)
 
 
-def profile() -> dict:
-    user = g.user
+def profile(user: Any) -> dict:
     return {
         "id": user.id,
         "email": user.email,
@@ -34,7 +36,7 @@ def profile() -> dict:
 @blueprint.get("/api/me")
 @login_required
 def get_me() -> Response:
-    return jsonify(profile())
+    return jsonify(profile(g.user))
 
 
 @blueprint.patch("/api/me")
@@ -46,16 +48,18 @@ def update_me() -> Response:
     unknown = set(changes) - {"webhook_url", "locale"}
     if unknown:
         raise InvalidInput("INVALID_BODY", "Only 'webhook_url' and 'locale' can be changed, not %s." % ", ".join(sorted(unknown)))
+    if "locale" in changes and changes["locale"] not in ("en", "ru", None):
+        raise InvalidInput("INVALID_LOCALE", "locale must be 'en' or 'ru'.")
+    webhook_url = _checked_webhook_url(changes["webhook_url"]) if "webhook_url" in changes else None
+    user = db.session.get(User, g.user.id)
     if "locale" in changes:
-        if changes["locale"] not in ("en", "ru", None):
-            raise InvalidInput("INVALID_LOCALE", "locale must be 'en' or 'ru'.")
-        g.user.locale = changes["locale"]
+        user.locale = changes["locale"]
     if "webhook_url" in changes:
-        g.user.webhook_url = _checked_webhook_url(changes["webhook_url"])
-        if g.user.webhook_url is None:
-            notify.end_pending_deliveries(g.user.id)
+        user.webhook_url = webhook_url
+        if webhook_url is None:
+            notify.end_pending_deliveries(user.id)
     db.session.commit()
-    return jsonify(profile())
+    return jsonify(profile(user))
 
 
 def _checked_webhook_url(url: object) -> str | None:
@@ -92,7 +96,8 @@ def notifications() -> Response:
 @blueprint.post("/api/me/safety-agreement")
 @login_required
 def agree_to_safety_rules() -> Response:
-    if g.user.safety_agreed_at is None:
-        g.user.safety_agreed_at = func.now()
+    user = db.session.get(User, g.user.id)
+    if user.safety_agreed_at is None:
+        user.safety_agreed_at = func.now()
         db.session.commit()
-    return jsonify(profile())
+    return jsonify(profile(user))
