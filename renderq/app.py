@@ -11,7 +11,7 @@ from flask import Flask
 import celeryconfig
 from config import ConfigError, kinds, load_settings
 from renderq import tracing
-from renderq.db import db, ping_connections_left_idle
+from renderq.db import IDLE_IN_TRANSACTION_SECONDS, db, ping_connections_left_idle
 from renderq.logs import configure_logging
 
 WEB_THREADS = 16  # gunicorn's --threads for `web` (Procfile)
@@ -32,7 +32,13 @@ def create_base_app(config: Optional[Mapping[str, str]] = None, name: str = "ren
     app.extensions["renderq.settings"] = settings
     app.config.update(
         SQLALCHEMY_DATABASE_URI=settings.database_url,
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": pool_size(settings.concurrent_jobs), "max_overflow": 10, "pool_use_lifo": True},
+        SQLALCHEMY_ENGINE_OPTIONS={
+            "pool_size": pool_size(settings.concurrent_jobs), "max_overflow": 10, "pool_use_lifo": True,
+            # A process cut off or paused inside a transaction (a dispatch round holds the dispatch
+            # lock, a finish its job's row) is ended by the server after these seconds of silence,
+            # not when its TCP connection times out hours later; renderq never waits inside one.
+            "connect_args": {"options": "-c idle_in_transaction_session_timeout=%ds" % IDLE_IN_TRANSACTION_SECONDS},
+        },
     )
     configure_logging(settings.log_format)
     db.init_app(app)

@@ -15,6 +15,7 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base)
 
 PING_AFTER_IDLE_SECONDS = 0.25
+IDLE_IN_TRANSACTION_SECONDS = 10
 
 
 def constant(name: str) -> ColumnElement[str]:

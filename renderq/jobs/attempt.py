@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Callable, Optional, TypeVar
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from config import Settings
 from config.kinds import get_kind
@@ -194,7 +194,10 @@ def _while_the_database_returns(record: Callable[[], T], config: Settings) -> T:
     while True:
         try:
             return record()
-        except OperationalError:
+        except DBAPIError as error:
+            # Away: unreachable, restarting, or it ended this session (a pause inside a transaction).
+            if not (isinstance(error, OperationalError) or error.connection_invalidated):
+                raise
             db.session.rollback()
             if time.monotonic() > deadline:
                 raise

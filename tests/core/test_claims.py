@@ -11,8 +11,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from renderq import workers
-from renderq.db import db
+from renderq import storage, workers
+from renderq.db import IDLE_IN_TRANSACTION_SECONDS, db
 from renderq.enums import AttemptOutcome, Status
 from renderq.jobs import attempt, lease, lifecycle, scheduler
 from renderq.jobs.lifecycle import AttemptRecord
@@ -239,3 +239,28 @@ def test_a_success_recorded_again_after_its_commit_went_unanswered_keeps_its_res
     assert (row.status, row.outcome) == (Status.COMPLETED, "succeeded")
     assert storage.storage().get(row.result_path) == b"\x89PNG result"
     assert db.session.query(JobAttempt).filter(JobAttempt.job_id == job.id).count() == 1
+
+
+def test_an_attempt_paused_inside_its_outcomes_transaction_past_the_servers_patience_records_it_on_waking(
+        ctx, generator, monkeypatch):
+    """PostgreSQL ends a session that stays silent inside a transaction (renderq.db
+    IDLE_IN_TRANSACTION_SECONDS) and with it the locks it held; the attempt, once awake, finds its
+    session gone, and writes its outcome again, as after a dropped connection."""
+    config = dataclasses.replace(settings(), generator_url=generator, job_lease_seconds=60)
+    job = new_job(new_user(), Status.PENDING, kind="image.generate", dispatch_token=uuid.uuid4())
+    claim = lifecycle.claim(job.id, job.dispatch_token, config.job_lease_seconds, "test-host")
+    put, pauses = storage.PostgresStorage.put, []
+
+    def put_after_a_pause(self, key, data):
+        if not pauses:  # the job's row is locked by now: the finish's UPDATE ran
+            pauses.append(key)
+            time.sleep(IDLE_IN_TRANSACTION_SECONDS + 1)
+        put(self, key, data)
+
+    monkeypatch.setattr(storage.PostgresStorage, "put", put_after_a_pause)
+    attempt._attempt(claim, config)
+
+    assert pauses and generator_calls(generator, str(job.id))["calls"] == 1
+    row = db.session.get(Job, job.id, populate_existing=True)
+    assert (row.status, row.outcome, row.result_path) == (Status.COMPLETED, "succeeded", pauses[0])
+    assert db.session.execute(text("SELECT count(*) FROM job_attempts WHERE job_id = :id"), {"id": job.id}).scalar() == 1
