@@ -206,7 +206,7 @@ def _state_and_first_statement(lost_window_seconds: float) -> Select:
     columns null, if nothing waits)."""
     state = _state_statement(lost_window_seconds).subquery("state")
     first = _CANDIDATES.subquery("first")
-    return select(state, first).select_from(state.outerjoin(first, true()))
+    return select(state, first).select_from(state.outerjoin(first, true())).order_by(first.c.fair_tag, first.c.id)
 
 
 def _state_and_first(config: Settings, limit: int) -> tuple[State, list[Any]]:
