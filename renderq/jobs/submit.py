@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from sqlalchemy import JSON, BigInteger, TextClause, Uuid, bindparam, text
+from sqlalchemy import JSON, BigInteger, LargeBinary, TextClause, Uuid, bindparam, text
 
 from config.kinds import KINDS, STYLES, JobKind, get_kind
 from renderq import billing, storage, tracing
@@ -86,13 +86,17 @@ def submit(user_id: int, kind: JobKind, params: dict, *,
         values = {"user_id": user_id, "job_id": job_id, "kind": kind.name, "params": params, "price": kind.price,
                   "photo_id": photo.id if photo else None, "trace_parent": tracing.current_traceparent(),
                   "tag_step": scheduler.TAG_STEP, "hold": EntryKind.HOLD, "pending": Status.PENDING}
+        bytes_in_statement = image is not None and storage.storage().transactional
         if image is not None:
             values["photo_id"] = uuid.uuid4()
             values.update(photo_path="photos/%s.%s" % (values["photo_id"], image.extension),
                           content_type=image.content_type, width=image.width, height=image.height,
                           size_bytes=len(image.data))
-            storage.storage().put(values["photo_path"], image.data)  # with the default storage, in this transaction
-        row = db.session.connection().execute(_accept_statement(image is not None), values).first()
+            if bytes_in_statement:
+                values["photo_bytes"] = image.data
+            else:
+                storage.storage().put(values["photo_path"], image.data)
+        row = db.session.connection().execute(_accept_statement(image is not None, bytes_in_statement), values).first()
         if row is None:
             db.session.rollback()
             if image is not None and not storage.storage().transactional:
@@ -120,15 +124,22 @@ _JOB_COLUMNS = [column.key for column in Job.__table__.columns]
 
 
 @functools.cache
-def _accept_statement(with_photo: bool) -> TextClause:
+def _accept_statement(with_photo: bool, with_bytes: bool) -> TextClause:
     """A submission in one statement: the user's hold and fair tag (if the credits suffice; else
     no row), the ledger's hold, the photo, the job, and its place in the queue. The user's row
-    lock queues concurrent submissions of one user, as the credits check needs."""
+    lock queues concurrent submissions of one user, as the credits check needs. `with_bytes`:
+    the photo's bytes too, where the database is the store (the `blobs` row that
+    renderq.storage.PostgresStorage reads); another store has them put before."""
     photo = """
         photo AS (
             INSERT INTO photos (id, user_id, path, content_type, width, height, size_bytes)
             SELECT :photo_id, id, :photo_path, :content_type, :width, :height, :size_bytes FROM held
         ),""" if with_photo else ""
+    if with_bytes:
+        photo += """
+        stored AS (
+            INSERT INTO blobs (key, data) SELECT :photo_path, :photo_bytes FROM held
+        ),"""
     return text("""
         WITH held AS (
             UPDATE users
@@ -152,4 +163,5 @@ def _accept_statement(with_photo: bool) -> TextClause:
                           AND (waiting.fair_tag, waiting.id) < (job.fair_tag, job.id)) AS queue_position
           FROM job
     """ % photo).bindparams(bindparam("job_id", type_=Uuid), bindparam("photo_id", type_=Uuid),
-                           bindparam("params", type_=JSON), bindparam("tag_step", type_=BigInteger))
+                           bindparam("params", type_=JSON), bindparam("tag_step", type_=BigInteger),
+                           *([bindparam("photo_bytes", type_=LargeBinary)] if with_bytes else []))
