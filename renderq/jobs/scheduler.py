@@ -216,8 +216,7 @@ def _state_and_first(config: Settings, limit: int) -> tuple[State, list[Any]]:
     return _state_of(rows[0], config), [row for row in rows if row.id is not None]
 
 
-def _pick(free: int, in_flight: dict[int, int], generator_cap: int,
-          first: tuple[list[Any], int] = ([], 0)) -> list[Any]:
+def _pick(free: int, in_flight: dict[int, int], generator_cap: int, first: tuple[list[Any], int]) -> list[Any]:
     """Up to `free` waiting jobs (pending, or retries that are due), lowest tag first, within
     each user's cap. `first`: candidates read already, and the limit they were read with; they
     stand for the first read if that limit reaches as far."""

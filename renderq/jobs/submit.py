@@ -105,7 +105,7 @@ def submit(user_id: int, kind: JobKind, params: dict, *,
         if idempotency_key:
             idempotency.remember(user_id, idempotency_key, digest, job_id)
         accepted = Accepted(Job(**{column: getattr(row, column) for column in _JOB_COLUMNS}), row.queue_position)
-        _commit_keeping_what_was_read()
+        db.session.commit()
         tracing.mark_job(job_id)
         log.info("📋 [QUEUE] job %s accepted (%s) for user %s", job_id, kind.name, user_id)
         scheduler.dispatch_soon()
@@ -113,9 +113,8 @@ def submit(user_id: int, kind: JobKind, params: dict, *,
 
 
 def _commit_keeping_what_was_read() -> None:
-    """Commit, the rows read so far (the request's user) kept as they are: the commit would
-    expire them, and the answer would read them again."""
-    db.session.flush()  # what was added (an Idempotency-Key) is written before the session lets go of it
+    """Commit, the job read for a replayed Idempotency-Key kept as it is: the commit would expire
+    it, and the answer would read it again."""
     db.session.expunge_all()
     db.session.commit()
 
