@@ -128,7 +128,10 @@ def _accept_statement(with_photo: bool, with_bytes: bool) -> TextClause:
     no row), the ledger's hold, the photo, the job, and its place in the queue. The user's row
     lock queues concurrent submissions of one user, as the credits check needs. `with_bytes`:
     the photo's bytes too, where the database is the store (the `blobs` row that
-    renderq.storage.PostgresStorage reads); another store has them put before."""
+    renderq.storage.PostgresStorage reads); another store has them put before.
+
+    The queue position's count names its status in the text (see renderq.db.constant): with a
+    parameter, PostgreSQL cannot count on the fair-queue index and reads every pending row."""
     photo = """
         photo AS (
             INSERT INTO photos (id, user_id, path, content_type, width, height, size_bytes)
@@ -158,9 +161,9 @@ def _accept_statement(with_photo: bool, with_bytes: bool) -> TextClause:
             RETURNING *
         )
         SELECT job.*, (SELECT count(*) FROM jobs waiting
-                        WHERE waiting.status = :pending AND waiting.dispatch_token IS NULL
+                        WHERE waiting.status = '%s' AND waiting.dispatch_token IS NULL
                           AND (waiting.fair_tag, waiting.id) < (job.fair_tag, job.id)) AS queue_position
           FROM job
-    """ % photo).bindparams(bindparam("job_id", type_=Uuid), bindparam("photo_id", type_=Uuid),
+    """ % (photo, Status.PENDING)).bindparams(bindparam("job_id", type_=Uuid), bindparam("photo_id", type_=Uuid),
                            bindparam("params", type_=JSON), bindparam("tag_step", type_=BigInteger),
                            *([bindparam("photo_bytes", type_=LargeBinary)] if with_bytes else []))

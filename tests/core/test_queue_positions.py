@@ -1,14 +1,16 @@
 """queue_position read for a page of jobs at once: the same figures as one job at a time, in one
-statement however many of the page's jobs wait."""
+statement however many of the page's jobs wait; a submission's own position read on the fair
+queue's index."""
 from __future__ import annotations
 
+import re
 import uuid
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from renderq.db import db
-from renderq.enums import Status
-from renderq.jobs import scheduler
+from renderq.enums import EntryKind, Status
+from renderq.jobs import scheduler, submit
 from tests.core.conftest import new_job, new_user
 
 
@@ -32,3 +34,33 @@ def test_a_pages_positions_equal_each_jobs_own_and_take_one_statement(ctx):
     assert sorted(alone[job.id] for job in waiting) == list(range(12))
     assert (alone[sent.id], alone[done.id]) == (0, None)
     assert len(statements) == 1
+
+
+def test_a_submissions_place_is_counted_on_the_fair_queue_by_the_plan_a_prepared_statement_keeps(ctx):
+    """psycopg prepares a statement run often, and PostgreSQL may then keep one generic plan for
+    it. The submission's count of the jobs ahead must still read only waiting jobs: thousands of
+    pending jobs whose messages are out (a busy farm) are not ahead of anyone."""
+    user = new_user(balance=10)
+    db.session.execute(text(
+        "INSERT INTO jobs (id, user_id, kind, params, price, status, attempts, retry_count, fair_tag, dispatch_token) "
+        "SELECT gen_random_uuid(), :user_id, 'image.generate', '{}', 1, 'pending', 0, 0, number, gen_random_uuid() "
+        "FROM generate_series(1, 5000) AS number"), {"user_id": user.id})
+    db.session.execute(text("ANALYZE jobs"))
+    compiled = submit._accept_statement(False, False).compile(db.engine)
+    names: list[str] = []
+
+    def placeholder(match: re.Match) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return "$%d" % (names.index(match.group(1)) + 1)
+
+    values = {"user_id": user.id, "job_id": uuid.uuid4(), "kind": "image.generate", "params": "{}", "price": 1,
+              "photo_id": None, "trace_parent": None, "tag_step": scheduler.TAG_STEP, "hold": EntryKind.HOLD,
+              "pending": Status.PENDING}
+    connection = db.session.connection()
+    connection.exec_driver_sql("PREPARE accept AS " + re.sub(r"%\((\w+)\)s", placeholder, str(compiled)))
+    connection.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+    arguments = ", ".join("NULL" if values[name] is None else "'%s'" % values[name] for name in names)
+    plan = "\n".join(row[0] for row in connection.exec_driver_sql("EXPLAIN EXECUTE accept(%s)" % arguments))
+    db.session.rollback()
+    assert "ix_jobs_fair_queue" in plan and "ix_jobs_status_kind" not in plan and "Seq Scan on jobs" not in plan, plan
