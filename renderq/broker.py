@@ -5,9 +5,11 @@ Which job gets an attempt message, and when, is renderq.jobs.scheduler's decisio
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import uuid
-from typing import Optional
+from typing import Iterator, Optional
 
 import redis
 from sqlalchemy import select
@@ -40,11 +42,30 @@ def timer_countdown(seconds: float) -> float:
     return min(seconds, celeryconfig.LONGEST_TIMER_SECONDS)
 
 
+_together = threading.local()
+
+
+@contextlib.contextmanager
+def together() -> Iterator[None]:
+    """Messages sent inside the block leave together as it ends, where the broker allows it:
+    on Redis, kombu's publish batch sends them in one pipeline (one client, one round trip),
+    where each would take a client from the pool and a round trip of its own; on RabbitMQ each
+    still goes at once. A batch that cannot be sent raises as the block ends, and all of it is
+    lost: the reconciler sends lost attempt messages again."""
+    with celery_app().producer_or_acquire() as producer, producer.batch():
+        _together.producer = producer
+        try:
+            yield
+        finally:
+            _together.producer = None
+
+
 def _send(name: str, job_id: Optional[uuid.UUID], trace_parent: Optional[str], **options: object) -> None:
     # Status lives in PostgreSQL: nobody waits on a Celery result, so none is subscribed to
     # (send_task would otherwise open a result-backend subscription for every message).
     with tracing.job_context(job_id, trace_parent):  # the message joins its job's trace
-        celery_app().send_task(name, ignore_result=True, **PUBLISH_TIMEOUT, **options)
+        celery_app().send_task(name, ignore_result=True, producer=getattr(_together, "producer", None),
+                               **PUBLISH_TIMEOUT, **options)
 
 
 def _stored_trace_parent(job_id: uuid.UUID) -> Optional[str]:

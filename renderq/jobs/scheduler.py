@@ -546,14 +546,21 @@ def recover_lost_dispatches(grace: timedelta) -> int:
 
 
 def _publish(sent: list[Any]) -> None:
-    """After the commit, each in its job's trace. A message that cannot be sent is left to
-    recover_lost_dispatches."""
-    for job_id, token, kind, trace_parent in sent:
-        try:
-            broker.publish_attempt(job_id, token, kind, trace_parent)
-        except Exception:
-            log.warning("📋 [QUEUE] job %s: the broker refused its attempt message; it will be sent again",
-                        job_id, exc_info=True, extra={"job_id": str(job_id)})
+    """After the commit, each in its job's trace, all in one batch. A message that cannot be
+    sent is left to recover_lost_dispatches."""
+    if not sent:
+        return
+    try:
+        with broker.together():
+            for job_id, token, kind, trace_parent in sent:
+                try:
+                    broker.publish_attempt(job_id, token, kind, trace_parent)
+                except Exception:
+                    log.warning("📋 [QUEUE] job %s: the broker refused its attempt message; it will be sent again",
+                                job_id, exc_info=True, extra={"job_id": str(job_id)})
+    except Exception:
+        log.warning("📋 [QUEUE] the broker refused %d attempt messages (%s); they will be sent again", len(sent),
+                    ", ".join(str(job_id) for job_id, *_ in sent), exc_info=True)
 
 
 def jobs_ahead(job: Job) -> Select:

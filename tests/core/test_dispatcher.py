@@ -1,19 +1,26 @@
 """The dispatcher thread: asking for a round returns at once; a process that is leaving lets
-the rounds it asked for end first."""
+the rounds it asked for end first; a round's messages leave together."""
 from __future__ import annotations
 
+import base64
+import json
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import psycopg
+import redis
+from kombu.transport.redis import PublishBatch
 from sqlalchemy import delete, select
 from sqlalchemy.engine import make_url
 
+import celeryconfig
 from renderq import broker
 from renderq.db import db
 from renderq.enums import Status
 from renderq.jobs import scheduler
 from renderq.models import Job, WorkerHost
+from renderq.runtime import settings
 from tests.core.conftest import new_job, new_user
 
 
@@ -165,5 +172,58 @@ def test_a_thread_whose_round_runs_past_its_wait_still_gets_the_job_the_round_cl
         handed = scheduler.dispatcher().take("worker-a@host", timeout=0.5)
         assert isinstance(handed, scheduler.HandedClaim) and handed.id == waiting.id
         assert scheduler.dispatcher().takers == []
+    finally:
+        _withdraw(host)
+
+
+def _attempt_messages(job_ids: set) -> dict:
+    """The attempt messages waiting in the broker for `job_ids`: job id -> ticket."""
+    found = {}
+    for raw in redis.Redis.from_url(settings().broker_url).lrange(celeryconfig.ATTEMPTS_QUEUE, 0, -1):
+        message = json.loads(raw)
+        args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        if uuid.UUID(args[0]) in job_ids:
+            found[uuid.UUID(args[0])] = uuid.UUID(kwargs["ticket"])
+    return found
+
+
+def test_a_rounds_messages_reach_the_broker_each_with_its_ticket(ctx):
+    host = _slot_for("test-dispatcher/7")
+    host.slots = 3
+    db.session.commit()
+    try:
+        jobs = [new_job(new_user(), Status.PENDING) for _ in range(3)]
+        scheduler.dispatch_soon()
+        scheduler.finish_dispatching(timeout=10)
+        tickets = dict(db.session.execute(select(Job.id, Job.dispatch_token).where(Job.id.in_([j.id for j in jobs]))).all())
+        assert None not in tickets.values()
+        assert _attempt_messages(set(tickets)) == tickets
+    finally:
+        _withdraw(host)
+
+
+def test_a_batch_of_messages_the_broker_refuses_is_sent_again_by_the_reconciler(ctx, monkeypatch):
+    """A round's messages leave in one batch; if the broker refuses it (Redis went away at that
+    moment), none of them is out, and the reconciler sends them all again."""
+    host = _slot_for("test-dispatcher/8")
+    host.slots = 2
+    db.session.commit()
+    try:
+        jobs = [new_job(new_user(), Status.PENDING) for _ in range(2)]
+        job_ids = {job.id for job in jobs}
+        with monkeypatch.context() as refused:
+            def refuse(batch: object) -> None:
+                raise redis.ConnectionError("the broker went away")
+            refused.setattr(PublishBatch, "flush", refuse)
+            scheduler.dispatch_soon()
+            scheduler.finish_dispatching(timeout=10)
+        lost = dict(db.session.execute(select(Job.id, Job.dispatch_token).where(Job.id.in_(job_ids))).all())
+        assert None not in lost.values() and _attempt_messages(job_ids) == {}
+        db.session.rollback()
+        assert scheduler.recover_lost_dispatches(timedelta(0)) >= 2  # back in the queue
+        scheduler.dispatch_soon()
+        scheduler.finish_dispatching(timeout=10)
+        tickets = dict(db.session.execute(select(Job.id, Job.dispatch_token).where(Job.id.in_(job_ids))).all())
+        assert _attempt_messages(job_ids) == tickets and not set(tickets.values()) & set(lost.values())
     finally:
         _withdraw(host)
