@@ -1,8 +1,9 @@
 """Core tests: renderq's domain called directly, on a real PostgreSQL, with no worker running."""
 from __future__ import annotations
 
+import re
 import uuid
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import pytest
 from sqlalchemy import text
@@ -69,3 +70,30 @@ def new_job(user: User, status: Status = Status.PENDING, price: int = 1, hold: b
     db.session.add(job)
     db.session.commit()
     return job
+
+
+def generic_plan(statement: Any, values: Optional[dict] = None) -> str:
+    """EXPLAIN of the one generic plan PostgreSQL may keep for `statement` once psycopg has
+    prepared it (it prepares a statement run often): the plan that has to serve every value of
+    its parameters. `values` fill the parameters (the statement's own defaults otherwise). The
+    caller's transaction is rolled back."""
+    compiled = statement.compile(db.engine)
+    values = {**compiled.params, **(values or {})}
+    names: list[str] = []
+
+    def placeholder(match: re.Match) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return "$%d" % (names.index(match.group(1)) + 1)
+
+    connection = db.session.connection()
+    connection.exec_driver_sql("PREPARE planned AS " + re.sub(r"%\((\w+)\)s", placeholder, str(compiled)))
+    connection.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+    arguments = ", ".join("NULL" if values[name] is None else "'%s'" % values[name] for name in names)
+    try:
+        return "\n".join(row[0] for row in connection.exec_driver_sql(
+            "EXPLAIN EXECUTE planned%s" % ("(%s)" % arguments if names else "")))
+    finally:
+        db.session.rollback()
+        db.session.connection().exec_driver_sql("DEALLOCATE planned")  # prepared statements outlive transactions
+        db.session.rollback()

@@ -3,7 +3,6 @@ statement however many of the page's jobs wait; a submission's own position read
 queue's index."""
 from __future__ import annotations
 
-import re
 import uuid
 
 from sqlalchemy import event, text
@@ -11,7 +10,7 @@ from sqlalchemy import event, text
 from renderq.db import db
 from renderq.enums import EntryKind, Status
 from renderq.jobs import scheduler, submit
-from tests.core.conftest import new_job, new_user
+from tests.core.conftest import generic_plan, new_job, new_user
 
 
 def test_a_pages_positions_equal_each_jobs_own_and_take_one_statement(ctx):
@@ -46,21 +45,8 @@ def test_a_submissions_place_is_counted_on_the_fair_queue_by_the_plan_a_prepared
         "SELECT gen_random_uuid(), :user_id, 'image.generate', '{}', 1, 'pending', 0, 0, number, gen_random_uuid() "
         "FROM generate_series(1, 5000) AS number"), {"user_id": user.id})
     db.session.execute(text("ANALYZE jobs"))
-    compiled = submit._accept_statement(False, False).compile(db.engine)
-    names: list[str] = []
-
-    def placeholder(match: re.Match) -> str:
-        if match.group(1) not in names:
-            names.append(match.group(1))
-        return "$%d" % (names.index(match.group(1)) + 1)
-
-    values = {"user_id": user.id, "job_id": uuid.uuid4(), "kind": "image.generate", "params": "{}", "price": 1,
-              "photo_id": None, "trace_parent": None, "tag_step": scheduler.TAG_STEP, "hold": EntryKind.HOLD,
-              "pending": Status.PENDING}
-    connection = db.session.connection()
-    connection.exec_driver_sql("PREPARE accept AS " + re.sub(r"%\((\w+)\)s", placeholder, str(compiled)))
-    connection.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
-    arguments = ", ".join("NULL" if values[name] is None else "'%s'" % values[name] for name in names)
-    plan = "\n".join(row[0] for row in connection.exec_driver_sql("EXPLAIN EXECUTE accept(%s)" % arguments))
-    db.session.rollback()
+    plan = generic_plan(submit._accept_statement(False, False), {
+        "user_id": user.id, "job_id": uuid.uuid4(), "kind": "image.generate", "params": "{}", "price": 1,
+        "photo_id": None, "trace_parent": None, "tag_step": scheduler.TAG_STEP, "hold": EntryKind.HOLD,
+        "pending": Status.PENDING})
     assert "ix_jobs_fair_queue" in plan and "ix_jobs_status_kind" not in plan and "Seq Scan on jobs" not in plan, plan
