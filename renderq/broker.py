@@ -50,8 +50,8 @@ def together() -> Iterator[None]:
     """Messages sent inside the block leave together as it ends, where the broker allows it:
     on Redis, kombu's publish batch sends them in one pipeline (one client, one round trip),
     where each would take a client from the pool and a round trip of its own; on RabbitMQ each
-    still goes at once. A batch that cannot be sent raises as the block ends, and all of it is
-    lost: the reconciler sends lost attempt messages again."""
+    still goes at once. A batch that cannot be sent raises as the block ends, none of it sent
+    for sure (renderq.jobs.scheduler then sends each again on its own)."""
     with celery_app().producer_or_acquire() as producer, producer.batch():
         _together.producer = producer
         try:

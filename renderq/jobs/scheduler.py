@@ -546,21 +546,26 @@ def recover_lost_dispatches(grace: timedelta) -> int:
 
 
 def _publish(sent: list[Any]) -> None:
-    """After the commit, each in its job's trace, all in one batch. A message that cannot be
-    sent is left to recover_lost_dispatches."""
+    """After the commit, each in its job's trace, together in one batch; if the broker refuses
+    the batch, one by one (with kombu's retries on a connection that went away). A message that
+    cannot be sent is left to recover_lost_dispatches, and one sent twice steps aside the second
+    time (its ticket is spent)."""
     if not sent:
         return
     try:
         with broker.together():
             for job_id, token, kind, trace_parent in sent:
-                try:
-                    broker.publish_attempt(job_id, token, kind, trace_parent)
-                except Exception:
-                    log.warning("📋 [QUEUE] job %s: the broker refused its attempt message; it will be sent again",
-                                job_id, exc_info=True, extra={"job_id": str(job_id)})
+                broker.publish_attempt(job_id, token, kind, trace_parent)
+        return
     except Exception:
-        log.warning("📋 [QUEUE] the broker refused %d attempt messages (%s); they will be sent again", len(sent),
-                    ", ".join(str(job_id) for job_id, *_ in sent), exc_info=True)
+        log.warning("📋 [QUEUE] the broker refused a batch of %d attempt messages; sending them one by one",
+                    len(sent), exc_info=True)
+    for job_id, token, kind, trace_parent in sent:
+        try:
+            broker.publish_attempt(job_id, token, kind, trace_parent)
+        except Exception:
+            log.warning("📋 [QUEUE] job %s: the broker refused its attempt message; it will be sent again",
+                        job_id, exc_info=True, extra={"job_id": str(job_id)})
 
 
 def jobs_ahead(job: Job) -> Select:

@@ -9,18 +9,18 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import psycopg
+import pytest
 import redis
+from kombu.transport.redis import Channel as RedisChannel
 from kombu.transport.redis import PublishBatch
 from sqlalchemy import delete, select
 from sqlalchemy.engine import make_url
 
-import celeryconfig
 from renderq import broker
 from renderq.db import db
 from renderq.enums import Status
 from renderq.jobs import scheduler
 from renderq.models import Job, WorkerHost
-from renderq.runtime import settings
 from tests.core.conftest import new_job, new_user
 
 
@@ -176,54 +176,61 @@ def test_a_thread_whose_round_runs_past_its_wait_still_gets_the_job_the_round_cl
         _withdraw(host)
 
 
-def _attempt_messages(job_ids: set) -> dict:
-    """The attempt messages waiting in the broker for `job_ids`: job id -> ticket."""
-    found = {}
-    for raw in redis.Redis.from_url(settings().broker_url).lrange(celeryconfig.ATTEMPTS_QUEUE, 0, -1):
-        message = json.loads(raw)
+@pytest.fixture()
+def puts(monkeypatch) -> list:
+    """Every attempt message this process writes to the Redis broker: (job id, ticket, whether
+    it was part of a batch). Other tests' workers consume the same queue, so the test reads the
+    messages as they are written, and they are written for real."""
+    written = []
+    put = RedisChannel._put
+
+    def recorded(channel: RedisChannel, queue: str, message: dict, **options: object) -> None:
         args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
-        if uuid.UUID(args[0]) in job_ids:
-            found[uuid.UUID(args[0])] = uuid.UUID(kwargs["ticket"])
-    return found
+        if "ticket" in kwargs:
+            written.append((uuid.UUID(args[0]), uuid.UUID(kwargs["ticket"]), "_publish_batch" in options))
+        return put(channel, queue, message, **options)
+
+    monkeypatch.setattr(RedisChannel, "_put", recorded)
+    return written
 
 
-def test_a_rounds_messages_reach_the_broker_each_with_its_ticket(ctx):
+def _tickets(job_ids: set) -> dict:
+    return dict(db.session.execute(select(Job.id, Job.dispatch_token).where(Job.id.in_(job_ids))).all())
+
+
+def test_a_rounds_messages_leave_together_each_with_its_ticket(ctx, puts, monkeypatch):
+    flushes = []
+    flush = PublishBatch.flush
+    monkeypatch.setattr(PublishBatch, "flush", lambda batch: flushes.append(batch._buffered) or flush(batch))
     host = _slot_for("test-dispatcher/7")
     host.slots = 3
     db.session.commit()
     try:
-        jobs = [new_job(new_user(), Status.PENDING) for _ in range(3)]
+        job_ids = {new_job(new_user(), Status.PENDING).id for _ in range(3)}
         scheduler.dispatch_soon()
         scheduler.finish_dispatching(timeout=10)
-        tickets = dict(db.session.execute(select(Job.id, Job.dispatch_token).where(Job.id.in_([j.id for j in jobs]))).all())
+        tickets = _tickets(job_ids)
         assert None not in tickets.values()
-        assert _attempt_messages(set(tickets)) == tickets
+        assert sorted(puts) == sorted((job_id, ticket, True) for job_id, ticket in tickets.items())
+        assert flushes == [3]  # one pipeline for the three
     finally:
         _withdraw(host)
 
 
-def test_a_batch_of_messages_the_broker_refuses_is_sent_again_by_the_reconciler(ctx, monkeypatch):
-    """A round's messages leave in one batch; if the broker refuses it (Redis went away at that
-    moment), none of them is out, and the reconciler sends them all again."""
+def test_when_the_broker_refuses_a_batch_its_messages_go_one_by_one(ctx, puts, monkeypatch):
+    def refuse(batch: object) -> None:
+        raise redis.ConnectionError("the broker went away")
+
+    monkeypatch.setattr(PublishBatch, "flush", refuse)
     host = _slot_for("test-dispatcher/8")
     host.slots = 2
     db.session.commit()
     try:
-        jobs = [new_job(new_user(), Status.PENDING) for _ in range(2)]
-        job_ids = {job.id for job in jobs}
-        with monkeypatch.context() as refused:
-            def refuse(batch: object) -> None:
-                raise redis.ConnectionError("the broker went away")
-            refused.setattr(PublishBatch, "flush", refuse)
-            scheduler.dispatch_soon()
-            scheduler.finish_dispatching(timeout=10)
-        lost = dict(db.session.execute(select(Job.id, Job.dispatch_token).where(Job.id.in_(job_ids))).all())
-        assert None not in lost.values() and _attempt_messages(job_ids) == {}
-        db.session.rollback()
-        assert scheduler.recover_lost_dispatches(timedelta(0)) >= 2  # back in the queue
+        job_ids = {new_job(new_user(), Status.PENDING).id for _ in range(2)}
         scheduler.dispatch_soon()
         scheduler.finish_dispatching(timeout=10)
-        tickets = dict(db.session.execute(select(Job.id, Job.dispatch_token).where(Job.id.in_(job_ids))).all())
-        assert _attempt_messages(job_ids) == tickets and not set(tickets.values()) & set(lost.values())
+        tickets = _tickets(job_ids)
+        assert sorted(written for written in puts if not written[2]) == sorted(
+            (job_id, ticket, False) for job_id, ticket in tickets.items())
     finally:
         _withdraw(host)
