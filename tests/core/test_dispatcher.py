@@ -194,27 +194,28 @@ def puts(monkeypatch) -> list:
     return written
 
 
-def _tickets(job_ids: set) -> dict:
-    return dict(db.session.execute(select(Job.id, Job.dispatch_token).where(Job.id.in_(job_ids))).all())
+def _one_round_sending(count: int, host_name: str) -> dict:
+    """`count` waiting jobs, as many free slots, and a round: each job's ticket."""
+    host = _slot_for(host_name)
+    host.slots = count
+    db.session.commit()
+    try:
+        job_ids = {new_job(new_user(), Status.PENDING).id for _ in range(count)}
+        scheduler.dispatch_soon()
+        scheduler.finish_dispatching(timeout=10)
+        return dict(db.session.execute(select(Job.id, Job.dispatch_token).where(Job.id.in_(job_ids))).all())
+    finally:
+        _withdraw(host)
 
 
 def test_a_rounds_messages_leave_together_each_with_its_ticket(ctx, puts, monkeypatch):
     flushes = []
     flush = PublishBatch.flush
     monkeypatch.setattr(PublishBatch, "flush", lambda batch: flushes.append(batch._buffered) or flush(batch))
-    host = _slot_for("test-dispatcher/7")
-    host.slots = 3
-    db.session.commit()
-    try:
-        job_ids = {new_job(new_user(), Status.PENDING).id for _ in range(3)}
-        scheduler.dispatch_soon()
-        scheduler.finish_dispatching(timeout=10)
-        tickets = _tickets(job_ids)
-        assert None not in tickets.values()
-        assert sorted(puts) == sorted((job_id, ticket, True) for job_id, ticket in tickets.items())
-        assert flushes == [3]  # one pipeline for the three
-    finally:
-        _withdraw(host)
+    tickets = _one_round_sending(3, "test-dispatcher/7")
+    assert None not in tickets.values()
+    assert sorted(puts) == sorted((job_id, ticket, True) for job_id, ticket in tickets.items())
+    assert flushes == [3]  # one pipeline for the three
 
 
 def test_when_the_broker_refuses_a_batch_its_messages_go_one_by_one(ctx, puts, monkeypatch):
@@ -222,15 +223,6 @@ def test_when_the_broker_refuses_a_batch_its_messages_go_one_by_one(ctx, puts, m
         raise redis.ConnectionError("the broker went away")
 
     monkeypatch.setattr(PublishBatch, "flush", refuse)
-    host = _slot_for("test-dispatcher/8")
-    host.slots = 2
-    db.session.commit()
-    try:
-        job_ids = {new_job(new_user(), Status.PENDING).id for _ in range(2)}
-        scheduler.dispatch_soon()
-        scheduler.finish_dispatching(timeout=10)
-        tickets = _tickets(job_ids)
-        assert sorted(written for written in puts if not written[2]) == sorted(
-            (job_id, ticket, False) for job_id, ticket in tickets.items())
-    finally:
-        _withdraw(host)
+    tickets = _one_round_sending(2, "test-dispatcher/8")
+    assert sorted(written for written in puts if not written[2]) == sorted(
+        (job_id, ticket, False) for job_id, ticket in tickets.items())
