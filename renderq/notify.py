@@ -9,9 +9,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Boolean, Uuid, and_, bindparam, func, select, text, update
+from sqlalchemy import JSON, Boolean, Integer, Uuid, and_, bindparam, func, select, text, update
 
 from config import Settings
 from renderq.db import db
@@ -47,6 +48,29 @@ def payload(job: Any, event: Event, locale: str) -> dict:
     else:
         body["error"] = public_error(job.error_code or "", locale)
     return body
+
+
+def known_before_the_finish(event: Event) -> bool:
+    """A success's notification says nothing the attempt does not know already (no message in
+    the user's locale): the statement that finishes the job inserts it (NOTICED)."""
+    return event == Event.SUCCEEDED
+
+
+def noticed_parameters(job_id: uuid.UUID, kind: str, event: Event) -> dict:
+    """NOTICED's parameters, for a job that ends as `event` says."""
+    job = SimpleNamespace(id=job_id, status=Status.COMPLETED, outcome=Outcome.SUCCEEDED, kind=kind)
+    return {"notice_event": str(event), "notice_payload": payload(job, event, locale=""),
+            "notice_webhook_id": "msg_%s" % uuid.uuid4().hex}
+
+
+# The notification a finish's statement inserts from its UPDATE's row (the CTE `changed`), unless
+# one exists; its id, to be delivered only where the user has a webhook_url.
+NOTICED = text(
+    "INSERT INTO notifications (user_id, job_id, event, payload, webhook_id, next_delivery_at) "
+    "SELECT user_id, id, :notice_event, :notice_payload, :notice_webhook_id, "
+    "       CASE WHEN webhook_url IS NOT NULL THEN now() END FROM changed "
+    "ON CONFLICT (job_id, event) DO NOTHING RETURNING id").bindparams(
+    bindparam("notice_payload", type_=JSON)).columns(id=Integer).cte("noticed")
 
 
 def record(job: Any, event: Event, settings: Settings) -> Optional[int]:

@@ -217,10 +217,12 @@ def _record_if_latest(claim: Claim, attempt: AttemptRecord) -> None:
 _HOLDS = and_(Job.status == constant(Status.PROCESSING), Job.lease_token == bindparam("held_lease", type_=Uuid))
 
 
-def _finish_statement(transition: str, guard: Any, value_names: tuple[str, ...], timed: Optional[bool]) -> Any:
+def _finish_statement(transition: str, guard: Any, value_names: tuple[str, ...], timed: Optional[bool],
+                      notices: bool = False) -> Any:
     """A finish's statement: the guarded UPDATE, the ledger's settlement (billing.settlement: the
-    parameter `settle_as`) and, unless `timed` is None, the attempt's record. Its values are
-    parameters: `finished_id`, and `new_<column>` for each of `value_names`."""
+    parameter `settle_as`), unless `timed` is None the attempt's record, and if `notices` the
+    notification (notify.NOTICED, its id as `notification_id`). Its values are parameters:
+    `finished_id`, and `new_<column>` for each of `value_names`."""
     values = {name: bindparam("new_" + name, type_=Job.__table__.c[name].type) for name in value_names}
     changed = (
         update(Job).where(Job.id == bindparam("finished_id", type_=Uuid), _leaves(transition), guard,
@@ -229,6 +231,8 @@ def _finish_statement(transition: str, guard: Any, value_names: tuple[str, ...],
                 lease_token=null(), lease_expires_at=null(), dispatch_token=null(), **values)
         .returning(*_with_snapshot(*notify.JOB_COLUMNS, Job.generation), *notify.USER_COLUMNS).cte("changed"))
     statement = select(changed).add_cte(billing.settlement(changed))
+    if notices:
+        statement = statement.add_columns(select(notify.NOTICED.c.id).scalar_subquery().label("notification_id"))
     if timed is None:
         return statement
     return statement.add_cte(_attempt_insert(timed, lambda row: row.select_from(changed)).cte("recorded"))
@@ -237,7 +241,7 @@ def _finish_statement(transition: str, guard: Any, value_names: tuple[str, ...],
 # An attempt ends in one of these for every job, so they are built once per shape: building
 # and hashing the statement cost the worker more than PostgreSQL's answer to it.
 _attempt_finish_statement = functools.cache(
-    lambda transition, value_names, timed: _finish_statement(transition, _HOLDS, value_names, timed))
+    lambda transition, value_names, timed, notices: _finish_statement(transition, _HOLDS, value_names, timed, notices))
 
 
 def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settings: Settings,
@@ -248,11 +252,15 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
     (the result, where storage joins the transaction). `guard` None: the attempt's own claim."""
     status = TRANSITIONS[transition].target
     timed = attempt and _timed(attempt[1])
+    event = notify.event_for(status, values.get("outcome"), settings)
     parameters = {"finished_id": job_id, **{"new_" + name: value for name, value in values.items()},
                   "settle_as": EntryKind.CAPTURE if values.get("outcome") == Outcome.SUCCEEDED else EntryKind.RELEASE,
                   **_attempt_parameters(attempt)}
+    notices = guard is None and event is not None and notify.known_before_the_finish(event)
+    if notices:  # one statement fewer for the common end of an attempt
+        parameters.update(notify.noticed_parameters(job_id, attempt[0].kind, event))
     if guard is None:
-        statement = _attempt_finish_statement(transition, tuple(values), timed)
+        statement = _attempt_finish_statement(transition, tuple(values), timed, notices)
         parameters["held_lease"] = attempt[0].token
     else:
         statement = _finish_statement(transition, guard, tuple(values), timed)
@@ -265,8 +273,10 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
         return None
     if on_win is not None:
         on_win()
-    event = notify.event_for(status, values.get("outcome"), settings)
-    notification_id = notify.record(won, event, settings) if event else None
+    if notices:
+        notification_id = won.notification_id if won.webhook_url else None
+    else:
+        notification_id = notify.record(won, event, settings) if event else None
     db.session.commit()
     events.record([won])
     return Finished(job_id, status, notification_id)

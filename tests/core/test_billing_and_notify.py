@@ -11,9 +11,10 @@ from config import load_settings
 from config.kinds import get_kind
 from renderq import billing, notify
 from renderq.db import db
-from renderq.enums import EntryKind, Event, Outcome, Status
+from renderq.enums import AttemptOutcome, EntryKind, Event, Outcome, Status
 from renderq.errors import InsufficientCredits
-from renderq.jobs import submit
+from renderq.jobs import lifecycle, submit
+from renderq.jobs.lifecycle import AttemptRecord
 from renderq.models import Job, LedgerEntry, Notification, User
 from tests.core.conftest import new_job, new_user
 
@@ -111,3 +112,22 @@ def test_a_user_without_a_webhook_gets_the_row_and_no_delivery(ctx, core_app):
     db.session.commit()
     row = db.session.execute(select(Notification).where(Notification.job_id == job.id)).scalar_one()
     assert row.next_delivery_at is None and row.payload["result_url"] == "/api/jobs/%s/result" % job.id
+
+
+@pytest.mark.parametrize("webhook_url", ["https://93.184.216.34/hooks", None])
+def test_a_success_is_charged_and_notified_by_the_statement_that_finishes_it(ctx, core_app, webhook_url):
+    user = new_user()
+    user.webhook_url = webhook_url
+    job = new_job(user, Status.PENDING, kind="image.generate", dispatch_token=uuid.uuid4())
+    settings = core_app.extensions["renderq.settings"]
+    claim = lifecycle.claim(job.id, job.dispatch_token, settings.job_lease_seconds, "test-host")
+    finished = lifecycle.succeed(claim, "results/%s.png" % job.id, AttemptRecord(AttemptOutcome.SUCCEEDED, None),
+                                 settings)
+    row = db.session.execute(select(Notification).where(Notification.job_id == job.id)).scalar_one()
+    assert row.payload == {"event": "job.succeeded", "job_id": str(job.id), "status": "completed",
+                           "outcome": "succeeded", "kind": "image.generate",
+                           "result_url": "/api/jobs/%s/result" % job.id}
+    assert (row.user_id, row.event, row.webhook_id.startswith("msg_")) == (user.id, "succeeded", True)
+    assert finished.notification_id == (row.id if webhook_url else None)
+    assert (row.next_delivery_at is not None) == bool(webhook_url)
+    assert entries(job.id) == [EntryKind.CAPTURE, EntryKind.HOLD] and balances(user.id) == (9, 9)
