@@ -50,16 +50,12 @@ def payload(job: Any, event: Event, locale: str) -> dict:
     return body
 
 
-def known_before_the_finish(event: Event) -> bool:
-    """A success's notification says nothing the attempt does not know already (no message in
-    the user's locale): the statement that finishes the job inserts it (NOTICED)."""
-    return event == Event.SUCCEEDED
-
-
-def noticed_parameters(job_id: uuid.UUID, kind: str, event: Event) -> dict:
-    """NOTICED's parameters, for a job that ends as `event` says."""
+def success_notice(job_id: uuid.UUID, kind: str) -> dict:
+    """NOTICED's parameters for a job that succeeded. A success's notification says nothing its
+    attempt does not know before the finish (no message in the user's locale), so the statement
+    that finishes the job inserts it."""
     job = SimpleNamespace(id=job_id, status=Status.COMPLETED, outcome=Outcome.SUCCEEDED, kind=kind)
-    return {"notice_event": str(event), "notice_payload": payload(job, event, locale=""),
+    return {"notice_event": str(Event.SUCCEEDED), "notice_payload": payload(job, Event.SUCCEEDED, locale=""),
             "notice_webhook_id": "msg_%s" % uuid.uuid4().hex}
 
 

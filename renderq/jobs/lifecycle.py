@@ -42,7 +42,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from config import Settings
 from renderq import billing, events, notify
 from renderq.db import constant, db, execute_alone
-from renderq.enums import ACTIVE_STATUSES, AttemptOutcome, EntryKind, Outcome, Status
+from renderq.enums import ACTIVE_STATUSES, AttemptOutcome, EntryKind, Event, Outcome, Status
 from renderq.jobs import policy
 from renderq.models import Blob, Job, JobAttempt, Photo, User
 
@@ -241,7 +241,8 @@ def _finish_statement(transition: str, guard: Any, value_names: tuple[str, ...],
 # An attempt ends in one of these for every job, so they are built once per shape: building
 # and hashing the statement cost the worker more than PostgreSQL's answer to it.
 _attempt_finish_statement = functools.cache(
-    lambda transition, value_names, timed, notices: _finish_statement(transition, _HOLDS, value_names, timed, notices))
+    lambda transition, value_names, timed, notices:
+    _finish_statement(transition, _HOLDS, value_names, timed, notices))
 
 
 def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settings: Settings,
@@ -256,9 +257,9 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
     parameters = {"finished_id": job_id, **{"new_" + name: value for name, value in values.items()},
                   "settle_as": EntryKind.CAPTURE if values.get("outcome") == Outcome.SUCCEEDED else EntryKind.RELEASE,
                   **_attempt_parameters(attempt)}
-    notices = guard is None and event is not None and notify.known_before_the_finish(event)
-    if notices:  # one statement fewer for the common end of an attempt
-        parameters.update(notify.noticed_parameters(job_id, attempt[0].kind, event))
+    notices = guard is None and event == Event.SUCCEEDED  # one statement fewer for the common end of an attempt
+    if notices:
+        parameters.update(notify.success_notice(job_id, attempt[0].kind))
     if guard is None:
         statement = _attempt_finish_statement(transition, tuple(values), timed, notices)
         parameters["held_lease"] = attempt[0].token
