@@ -85,7 +85,7 @@ def submit(user_id: int, kind: JobKind, params: dict, *,
     with job_logging(job_id):  # the statements that make the job carry its id in traces too
         values = {"user_id": user_id, "job_id": job_id, "kind": kind.name, "params": params, "price": kind.price,
                   "photo_id": photo.id if photo else None, "trace_parent": tracing.current_traceparent(),
-                  "tag_step": scheduler.TAG_STEP, "hold": EntryKind.HOLD, "pending": Status.PENDING}
+                  "tag_step": scheduler.TAG_STEP, "hold": EntryKind.HOLD}
         bytes_in_statement = image is not None and storage.storage().transactional
         if image is not None:
             values["photo_id"] = uuid.uuid4()
@@ -130,8 +130,8 @@ def _accept_statement(with_photo: bool, with_bytes: bool) -> TextClause:
     the photo's bytes too, where the database is the store (the `blobs` row that
     renderq.storage.PostgresStorage reads); another store has them put before.
 
-    The queue position's count names its status in the text (see renderq.db.constant): with a
-    parameter, PostgreSQL cannot count on the fair-queue index and reads every pending row."""
+    The status is in the statement's text (see renderq.db.constant): with a parameter there,
+    PostgreSQL cannot count the queue position on the fair-queue index, and reads every pending row."""
     photo = """
         photo AS (
             INSERT INTO photos (id, user_id, path, content_type, width, height, size_bytes)
@@ -153,17 +153,18 @@ def _accept_statement(with_photo: bool, with_bytes: bool) -> TextClause:
         ),
         hold AS (
             INSERT INTO ledger_entries (user_id, job_id, entry_type, amount) SELECT id, :job_id, :hold, :price FROM held
-        ),%s
+        ),%(photo)s
         job AS (
             INSERT INTO jobs (id, user_id, photo_id, kind, params, price, status, attempts, retry_count, fair_tag,
                               trace_parent)
-            SELECT :job_id, id, :photo_id, :kind, :params, :price, :pending, 0, 0, fair_tag, :trace_parent FROM held
+            SELECT :job_id, id, :photo_id, :kind, :params, :price, '%(pending)s', 0, 0, fair_tag, :trace_parent
+              FROM held
             RETURNING *
         )
         SELECT job.*, (SELECT count(*) FROM jobs waiting
-                        WHERE waiting.status = '%s' AND waiting.dispatch_token IS NULL
+                        WHERE waiting.status = '%(pending)s' AND waiting.dispatch_token IS NULL
                           AND (waiting.fair_tag, waiting.id) < (job.fair_tag, job.id)) AS queue_position
           FROM job
-    """ % (photo, Status.PENDING)).bindparams(bindparam("job_id", type_=Uuid), bindparam("photo_id", type_=Uuid),
-                           bindparam("params", type_=JSON), bindparam("tag_step", type_=BigInteger),
-                           *([bindparam("photo_bytes", type_=LargeBinary)] if with_bytes else []))
+    """ % {"photo": photo, "pending": Status.PENDING}).bindparams(
+        bindparam("job_id", type_=Uuid), bindparam("photo_id", type_=Uuid), bindparam("params", type_=JSON),
+        bindparam("tag_step", type_=BigInteger), *([bindparam("photo_bytes", type_=LargeBinary)] if with_bytes else []))

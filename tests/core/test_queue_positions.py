@@ -47,6 +47,5 @@ def test_a_submissions_place_is_counted_on_the_fair_queue_by_the_plan_a_prepared
     db.session.execute(text("ANALYZE jobs"))
     plan = generic_plan(submit._accept_statement(False, False), {
         "user_id": user.id, "job_id": uuid.uuid4(), "kind": "image.generate", "params": "{}", "price": 1,
-        "photo_id": None, "trace_parent": None, "tag_step": scheduler.TAG_STEP, "hold": EntryKind.HOLD,
-        "pending": Status.PENDING})
+        "photo_id": None, "trace_parent": None, "tag_step": scheduler.TAG_STEP, "hold": EntryKind.HOLD})
     assert "ix_jobs_fair_queue" in plan and "ix_jobs_status_kind" not in plan and "Seq Scan on jobs" not in plan, plan
