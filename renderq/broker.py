@@ -82,7 +82,6 @@ def publish_attempt(job_id: uuid.UUID, ticket: uuid.UUID, kind: str, trace_paren
     # The task id is the job id: every message of a job shares it, so a cancel can revoke them all.
     _send(ATTEMPT_TASK, job_id, trace_parent, args=[str(job_id)], kwargs={"ticket": str(ticket), "kind": kind},
           task_id=str(job_id), soft_time_limit=job_kind.soft_time_limit, time_limit=job_kind.hard_time_limit)
-    log.info("📋 [QUEUE] job %s: attempt message sent", job_id, extra={"job_id": str(job_id)})
 
 
 def publish_timer(job_id: uuid.UUID, kind: str, countdown: float) -> None:

@@ -556,6 +556,8 @@ def _publish(sent: list[Any]) -> None:
         with broker.together():
             for job_id, token, kind, trace_parent in sent:
                 broker.publish_attempt(job_id, token, kind, trace_parent)
+        for job_id, *_ in sent:
+            _log_sent(job_id)
         return
     except Exception:
         log.warning("📋 [QUEUE] the broker refused a batch of %d attempt messages; sending them one by one",
@@ -566,6 +568,13 @@ def _publish(sent: list[Any]) -> None:
         except Exception:
             log.warning("📋 [QUEUE] job %s: the broker refused its attempt message; it will be sent again",
                         job_id, exc_info=True, extra={"job_id": str(job_id)})
+        else:
+            _log_sent(job_id)
+
+
+def _log_sent(job_id: uuid.UUID) -> None:
+    """Once the broker has the message: a batch's messages are only buffered until it ends."""
+    log.info("📋 [QUEUE] job %s: attempt message sent", job_id, extra={"job_id": str(job_id)})
 
 
 def jobs_ahead(job: Job) -> Select:
