@@ -60,11 +60,27 @@ def test_photos_accept_jpeg_png_and_webp(client, alice, fmt):
     assert wait_terminal(client, alice[1], response.get_json()["id"])["outcome"] == "succeeded"
 
 
+def damaged(data: bytes) -> bytes:
+    """`data` with one byte in its middle flipped, as a bad disk or network leaves it."""
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+
+
+def noise(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((96, 64), 40).convert("RGB").save(buffer, fmt)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("body, message", [
     (b"not an image at all", "not a readable image"),
     (png_bytes()[:60], "not a readable image"),  # truncated
+    (noise("PNG")[:-10], "not a readable image"),  # its last chunk missing
+    (damaged(noise("PNG")), "not a readable image"),
+    (noise("JPEG")[:len(noise("JPEG")) // 2], "not a readable image"),
+    (noise("WEBP")[:-10], "not a readable image"),
     (image_bytes("GIF"), "GIF"),
-])
+], ids=["text", "truncated-png", "png-without-its-end", "damaged-png", "truncated-jpeg", "truncated-webp", "gif"])
 def test_photos_refuse_what_is_not_a_usable_image(client, alice, body, message):
     response = upload(client, alice[1], image=body)
     assert response.status_code == 400 and message in response.get_json()["error"]["message"]
