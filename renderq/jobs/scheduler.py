@@ -174,6 +174,9 @@ def _lock() -> None:
     db.session.connection().execute(_LOCK)
 
 
+FIRST_READ = 16  # the candidates of each kind a round that claims for no thread reads with the state
+
+
 def _first(condition: Any) -> Select:
     return (select(Job.id, Job.user_id, Job.fair_tag, User.max_inflight).join(User, User.id == Job.user_id)
             .where(condition, Job.user_id != all_(bindparam("skip_users", type_=ARRAY(Integer))))
@@ -225,7 +228,7 @@ def _pick(free: int, in_flight: dict[int, int], generator_cap: int, first: tuple
     rows, limit = first
     for number in range(4):  # each read skips the users the last one filled up
         want = free - len(picked)
-        if number or limit < want * 2:
+        if number or (limit < want * 2 and len(rows) == limit):  # (fewer than asked for: that was all)
             limit = want * 2
             rows = _candidates(limit, capped)
         taken = {row.id for row in picked}
@@ -308,9 +311,10 @@ def _hand_out_slots(look_first: bool = False, claim_for: int = 0, worker_host: s
     _lock()
     if not look_first:
         read_at = time.monotonic()
-    # The candidates a round usually needs are read with the state: a round mostly fills the
-    # slots of the threads waiting for it.
-    first_limit = 2 * max(claim_for, 1)
+    # The candidates a round usually needs are read with the state: a worker's round mostly
+    # fills the slots of the threads waiting for it; a web process's round finds the few jobs
+    # submitted since its last.
+    first_limit = 2 * claim_for if claim_for else FIRST_READ
     state, first = _state_and_first(config, first_limit)
     rows = [] if state.full else _pick(state.free, dict(state.in_flight), state.generator_cap, (first, first_limit))
     if not rows:

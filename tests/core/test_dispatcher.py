@@ -13,7 +13,7 @@ import pytest
 import redis
 from kombu.transport.redis import Channel as RedisChannel
 from kombu.transport.redis import PublishBatch
-from sqlalchemy import delete, select
+from sqlalchemy import delete, event, select
 from sqlalchemy.engine import make_url
 
 from renderq import broker
@@ -147,6 +147,34 @@ def test_a_round_claims_no_job_for_a_thread_that_is_not_waiting_for_one(ctx, mon
         scheduler.finish_dispatching(timeout=10)
         assert sent == [waiting.id]
         assert db.session.execute(select(Job.status).where(Job.id == waiting.id)).scalar() == Status.PENDING
+    finally:
+        _withdraw(host)
+
+
+def test_a_round_reads_the_waiting_jobs_once_when_its_first_read_had_them_all(ctx, monkeypatch):
+    """A round reads the first waiting jobs with the state. When that read had every waiting
+    job, it reads none again, however many slots are free: under load that is every round of
+    the web process, each finding the few jobs submitted since the last."""
+    sent = []
+    monkeypatch.setattr(broker, "publish_attempt", lambda job_id, *rest: sent.append(job_id))
+    host = _slot_for("test-dispatcher/7")
+    host.slots = 50
+    db.session.commit()
+    statements = []
+
+    def record(connection, cursor, statement, *rest):
+        statements.append(statement)
+
+    try:
+        waiting = [new_job(new_user(), Status.PENDING, fair_tag=tag).id for tag in range(1, 6)]
+        scheduler.finish_dispatching(timeout=10)  # no round of the dispatcher thread runs beside this one
+        event.listen(db.engine, "before_cursor_execute", record)
+        try:
+            assert scheduler.dispatch() == 5
+        finally:
+            event.remove(db.engine, "before_cursor_execute", record)
+        assert sent == waiting  # in their fair order
+        assert sum(" LIMIT " in statement for statement in statements) == 1, statements
     finally:
         _withdraw(host)
 
