@@ -18,7 +18,7 @@ from renderq.logs import job_logging
 from renderq.models import Job, Photo, User
 from renderq.runtime import redis_client, settings
 from webapp import headers
-from webapp.auth import ensure_owner_or_admin, login_required
+from webapp.auth import ensure_owner_or_admin, login_required, submission_login_required
 from webapp.errors import ApiError
 from webapp.paging import MAX_ID, filtered_by_status, page_of_jobs
 from webapp.resources import job_resource, job_resources, locale_of
@@ -99,7 +99,7 @@ def _status_without_a_connection(job_id: uuid.UUID) -> str:
 
 
 @blueprint.post("/api/photos")
-@login_required
+@submission_login_required
 def upload_photo() -> Response:
     upload = request.files.get("file")
     if upload is None:
@@ -112,7 +112,7 @@ def upload_photo() -> Response:
 
 
 @blueprint.post("/api/jobs")
-@login_required
+@submission_login_required
 def create_job() -> Response:
     if not request.is_json:
         raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Send a JSON body with Content-Type: application/json.")

@@ -35,13 +35,16 @@ def token_digest(token: str) -> str:
 _BY_TOKEN_HASH = select(*User.__table__.columns).where(User.token_hash == bindparam("token_hash"))
 
 
-def _authenticate() -> Any:
+def _authenticate(autocommit: bool = False) -> Any:
+    """The caller's user row, read as the request's first statement. `autocommit`: the request's
+    connection is taken in autocommit, for a request whose statements each stand alone."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "UNAUTHORIZED", "Send 'Authorization: Bearer <token>'; create a token with "
                                             "'flask --app webapp users create'.")
-    user = db.session.connection().execute(_BY_TOKEN_HASH, {"token_hash": token_digest(token.strip())}).first()
+    connection = db.session.connection(execution_options=_AUTOCOMMIT if autocommit else None)
+    user = connection.execute(_BY_TOKEN_HASH, {"token_hash": token_digest(token.strip())}).first()
     if user is None:
         raise ApiError(401, "UNAUTHORIZED", "The bearer token is not valid.")
     return user
@@ -51,6 +54,23 @@ def login_required(view: F) -> F:
     @functools.wraps(view)
     def wrapper(*args: object, **kwargs: object) -> object:
         g.user = _authenticate()
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+_AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
+
+
+def submission_login_required(view: F) -> F:
+    """login_required for the two submissions. Without an Idempotency-Key, what a submission
+    writes is one statement (renderq.jobs.submit), atomic by itself, and what it reads stands
+    alone too: its connection is taken in autocommit, and the token's lookup and the submission
+    are the request's two round trips, where a transaction made four (BEGIN before, COMMIT
+    after). With a key, the replay check and the new job share a transaction."""
+    @functools.wraps(view)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        g.user = _authenticate(autocommit="Idempotency-Key" not in request.headers)
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
