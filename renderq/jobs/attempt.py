@@ -138,8 +138,7 @@ def _record_success(claim: Claim, image: bytes, attempt: AttemptRecord, config: 
     store, key = storage.storage(), storage.result_key(claim.job_id, claim.token)
     if not store.transactional:
         store.put(key, image)
-    finished = lifecycle.succeed(claim, key, attempt, config,
-                                 on_win=(lambda: store.put(key, image)) if store.transactional else None)
+    finished = lifecycle.succeed(claim, key, attempt, config, result=image if store.transactional else None)
     if finished:
         log.info("✅ [QUEUED_%s] job %s succeeded after %d attempt(s)",
                  claim.kind.upper().replace(".", "_"), claim.job_id, claim.attempts)

@@ -218,11 +218,12 @@ _HOLDS = and_(Job.status == constant(Status.PROCESSING), Job.lease_token == bind
 
 
 def _finish_statement(transition: str, guard: Any, value_names: tuple[str, ...], timed: Optional[bool],
-                      notices: bool = False) -> Any:
+                      notices: bool = False, stores_result: bool = False) -> Any:
     """A finish's statement: the guarded UPDATE, the ledger's settlement (billing.settlement: the
-    parameter `settle_as`), unless `timed` is None the attempt's record, and if `notices` the
-    notification (notify.NOTICED, its id as `notification_id`). Its values are parameters:
-    `finished_id`, and `new_<column>` for each of `value_names`."""
+    parameter `settle_as`), unless `timed` is None the attempt's record, if `notices` the
+    notification (notify.NOTICED, its id as `notification_id`), and if `stores_result` the
+    result's bytes (`result_bytes`) in `blobs` under its `new_result_path`. Its values are
+    parameters: `finished_id`, and `new_<column>` for each of `value_names`."""
     values = {name: bindparam("new_" + name, type_=Job.__table__.c[name].type) for name in value_names}
     changed = (
         update(Job).where(Job.id == bindparam("finished_id", type_=Uuid), _leaves(transition), guard,
@@ -233,6 +234,10 @@ def _finish_statement(transition: str, guard: Any, value_names: tuple[str, ...],
     statement = select(changed).add_cte(billing.settlement(changed))
     if notices:
         statement = statement.add_columns(select(notify.NOTICED.c.id).scalar_subquery().label("notification_id"))
+    if stores_result:  # the attempt's own key, so a new row; none if the UPDATE matched nothing
+        statement = statement.add_cte(insert(Blob).from_select(["key", "data"], select(
+            bindparam("new_result_path", type_=Blob.key.type).label("key"),
+            bindparam("result_bytes", type_=Blob.data.type).label("data")).select_from(changed)).cte("stored"))
     if timed is None:
         return statement
     return statement.add_cte(_attempt_insert(timed, lambda row: row.select_from(changed)).cte("recorded"))
@@ -241,16 +246,20 @@ def _finish_statement(transition: str, guard: Any, value_names: tuple[str, ...],
 # An attempt ends in one of these for every job, so they are built once per shape: building
 # and hashing the statement cost the worker more than PostgreSQL's answer to it.
 _attempt_finish_statement = functools.cache(
-    lambda transition, value_names, timed, notices:
-    _finish_statement(transition, _HOLDS, value_names, timed, notices))
+    lambda transition, value_names, timed, notices, stores_result:
+    _finish_statement(transition, _HOLDS, value_names, timed, notices, stores_result))
 
 
 def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settings: Settings,
             attempt: Optional[tuple[Claim, AttemptRecord]] = None,
-            on_win: Optional[Callable[[], None]] = None) -> Optional[Finished]:
+            result: Optional[bytes] = None) -> Optional[Finished]:
     """The one way into a terminal status: in a single transaction, the guarded UPDATE, the
-    attempt's record, the ledger's capture or release, the notification row, and `on_win`
-    (the result, where storage joins the transaction). `guard` None: the attempt's own claim."""
+    attempt's record, the ledger's capture or release, the notification row, and `result` (the
+    bytes, where the database is the store). `guard` None: the attempt's own claim.
+
+    An attempt's finish whose notification (if any) its statement writes is that statement
+    alone, atomic by itself: it runs outside a transaction, one round trip where BEGIN and
+    COMMIT made three."""
     status = TRANSITIONS[transition].target
     timed = attempt and _timed(attempt[1])
     event = notify.event_for(status, values.get("outcome"), settings)
@@ -260,25 +269,28 @@ def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settin
     notices = guard is None and event == Event.SUCCEEDED  # one statement fewer for the common end of an attempt
     if notices:
         parameters.update(notify.success_notice(job_id, attempt[0].kind))
+    if result is not None:
+        parameters["result_bytes"] = result
     if guard is None:
-        statement = _attempt_finish_statement(transition, tuple(values), timed, notices)
+        statement = _attempt_finish_statement(transition, tuple(values), timed, notices, result is not None)
         parameters["held_lease"] = attempt[0].token
     else:
         statement = _finish_statement(transition, guard, tuple(values), timed)
-    won = db.session.connection().execute(statement, parameters).first()
+    alone = guard is None and (notices or event is None)
+    won = (execute_alone(statement, parameters) if alone
+           else db.session.connection().execute(statement, parameters)).first()
     if won is None:
         db.session.rollback()
         if attempt is not None:
             _record_if_latest(*attempt)
             db.session.commit()
         return None
-    if on_win is not None:
-        on_win()
     if notices:
         notification_id = won.notification_id if won.webhook_url else None
     else:
         notification_id = notify.record(won, event, settings) if event else None
-    db.session.commit()
+    if not alone:
+        db.session.commit()
     events.record([won])
     return Finished(job_id, status, notification_id)
 
@@ -355,9 +367,11 @@ def claim_background_batch(limit: int, settings: Settings) -> list[Any]:
 
 
 def succeed(claim: Claim, result_key: str, attempt: AttemptRecord, settings: Settings,
-            on_win: Optional[Callable[[], None]] = None) -> Optional[Finished]:
+            result: Optional[bytes] = None) -> Optional[Finished]:
+    """`result`: the image, where the database is the store (written by the finish's statement);
+    another store has it put under `result_key` before."""
     return _finish(claim.job_id, "succeed", None, dict(
-        outcome=Outcome.SUCCEEDED, result_path=result_key, error_code=None), settings, (claim, attempt), on_win)
+        outcome=Outcome.SUCCEEDED, result_path=result_key, error_code=None), settings, (claim, attempt), result)
 
 
 def result_of(job_id: uuid.UUID) -> Optional[str]:

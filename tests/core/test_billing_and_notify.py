@@ -5,11 +5,11 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from config import load_settings
 from config.kinds import get_kind
-from renderq import billing, notify
+from renderq import billing, notify, storage
 from renderq.db import db
 from renderq.enums import AttemptOutcome, EntryKind, Event, Outcome, Status
 from renderq.errors import InsufficientCredits
@@ -112,6 +112,42 @@ def test_a_user_without_a_webhook_gets_the_row_and_no_delivery(ctx, core_app):
     db.session.commit()
     row = db.session.execute(select(Notification).where(Notification.job_id == job.id)).scalar_one()
     assert row.next_delivery_at is None and row.payload["result_url"] == "/api/jobs/%s/result" % job.id
+
+
+def test_a_success_and_its_result_are_recorded_by_one_statement(ctx, core_app):
+    """Where the database is the store, the statement that finishes a success also writes its
+    result, and it is the whole finish: one round trip, no transaction around it. An attempt
+    whose claim was lost stores nothing."""
+    user = new_user()
+    settings = core_app.extensions["renderq.settings"]
+    job, late = (new_job(user, Status.PENDING, dispatch_token=uuid.uuid4()) for _ in range(2))
+    claim = lifecycle.claim(job.id, job.dispatch_token, settings.job_lease_seconds, "test-host")
+    key = storage.result_key(job.id, claim.token)
+    statements = []
+
+    def record(connection, cursor, statement, *rest):
+        statements.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        finished = lifecycle.succeed(claim, key, AttemptRecord(AttemptOutcome.SUCCEEDED, None), settings,
+                                     result=b"the image")
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    assert finished is not None and len(statements) == 1, statements
+    assert storage.storage().get(key) == b"the image"
+    assert db.session.execute(select(Job.status, Job.result_path).where(Job.id == job.id)).one() == (
+        Status.COMPLETED, key)
+    assert entries(job.id) == [EntryKind.CAPTURE, EntryKind.HOLD] and balances(user.id) == (9, 8)
+
+    lost = lifecycle.claim(late.id, late.dispatch_token, settings.job_lease_seconds, "test-host")
+    lifecycle.cancel(late.id, settings)  # the job leaves the attempt's hands while it runs
+    lost_key = storage.result_key(late.id, lost.token)
+    assert lifecycle.succeed(lost, lost_key, AttemptRecord(AttemptOutcome.SUCCEEDED, None), settings,
+                             result=b"too late") is None
+    with pytest.raises(KeyError):
+        storage.storage().get(lost_key)
+    assert entries(late.id) == [EntryKind.HOLD, EntryKind.RELEASE] and balances(user.id) == (9, 9)
 
 
 @pytest.mark.parametrize("webhook_url", ["https://93.184.216.34/hooks", None])

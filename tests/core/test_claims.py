@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from renderq import storage, workers
+from renderq import notify, storage, workers
 from renderq.db import IDLE_IN_TRANSACTION_SECONDS, db
 from renderq.enums import AttemptOutcome, Status
 from renderq.jobs import attempt, lease, lifecycle, scheduler
@@ -226,8 +226,6 @@ def test_an_outcome_recorded_again_after_its_commit_went_unanswered_is_recorded_
 def test_a_success_recorded_again_after_its_commit_went_unanswered_keeps_its_result(ctx, tmp_path, monkeypatch):
     """The same for a success, with a storage outside the database: the second recording finds
     the job finished and must not delete the result the first one delivered (and charged)."""
-    from renderq import storage
-
     monkeypatch.setattr(storage, "storage", lambda: storage.FilesystemStorage(str(tmp_path)))
     config = settings()
     job = new_job(new_user(), Status.PENDING, dispatch_token=uuid.uuid4())
@@ -245,22 +243,28 @@ def test_an_attempt_paused_inside_its_outcomes_transaction_past_the_servers_pati
         ctx, generator, monkeypatch):
     """PostgreSQL ends a session that stays silent inside a transaction (renderq.db
     IDLE_IN_TRANSACTION_SECONDS) and with it the locks it held; the attempt, once awake, finds its
-    session gone, and writes its outcome again, as after a dropped connection."""
+    session gone, and writes its outcome again, as after a dropped connection. A block's finish
+    is such a transaction: its notification, in the user's locale, is written after the UPDATE
+    (a success's finish is a single statement, with no transaction to pause in)."""
     config = dataclasses.replace(settings(), generator_url=generator, job_lease_seconds=60)
     job = new_job(new_user(), Status.PENDING, kind="image.generate", dispatch_token=uuid.uuid4())
+    job.params = {"style": "sepia", "prompt": "[block:COPYRIGHT_VIOLATION]"}
+    db.session.commit()
     claim = lifecycle.claim(job.id, job.dispatch_token, config.job_lease_seconds, "test-host")
-    put, pauses = storage.PostgresStorage.put, []
+    record, pauses = notify.record, []
 
-    def put_after_a_pause(self, key, data):
+    def record_after_a_pause(*args):
         if not pauses:  # the job's row is locked by now: the finish's UPDATE ran
-            pauses.append(key)
+            pauses.append(1)
             time.sleep(IDLE_IN_TRANSACTION_SECONDS + 1)
-        put(self, key, data)
+        return record(*args)
 
-    monkeypatch.setattr(storage.PostgresStorage, "put", put_after_a_pause)
+    monkeypatch.setattr(notify, "record", record_after_a_pause)
     attempt._attempt(claim, config)
 
     assert pauses and generator_calls(generator, str(job.id))["calls"] == 1
     row = db.session.get(Job, job.id, populate_existing=True)
-    assert (row.status, row.outcome, row.result_path) == (Status.COMPLETED, "succeeded", pauses[0])
+    assert (row.status, row.outcome, row.block_reason) == (Status.COMPLETED, "blocked", "COPYRIGHT_VIOLATION")
     assert db.session.execute(text("SELECT count(*) FROM job_attempts WHERE job_id = :id"), {"id": job.id}).scalar() == 1
+    assert db.session.execute(text("SELECT count(*) FROM notifications WHERE job_id = :id"),
+                              {"id": job.id}).scalar() == 1
