@@ -213,7 +213,7 @@ class JobAttempt(db.Model):
 
 class Blob(db.Model):
     """Uploads and results when STORAGE_BACKEND=postgres: every host reads them, and a result
-    is written in the transaction that finishes its job."""
+    is written by the statement that finishes its job."""
     __tablename__ = "blobs"
 
     key: Mapped[str] = mapped_column(Text, primary_key=True)

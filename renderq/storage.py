@@ -1,9 +1,10 @@
 """Where uploads and results live, by key: PostgreSQL (the default), a directory, or an
 S3-compatible bucket.
 
-PostgreSQL works across hosts with no shared disk and no other service, and its writes join
-the caller's transaction: a photo exists exactly when its job does, and a result is written
-by the transaction that finishes the job, so an attempt that lost its claim writes nothing.
+PostgreSQL works across hosts with no shared disk and no other service, and its bytes are
+written by the statements that make and finish jobs: a photo exists exactly when its job does,
+and a result is written by the statement that finishes the job, so an attempt that lost its
+claim writes nothing.
 A directory (STORAGE_BACKEND=filesystem, under MEDIA_ROOT) suits one host or a shared volume;
 a bucket (STORAGE_BACKEND=s3) suits many hosts and large volumes. Their writes happen at once,
 so each attempt writes a key of its own and deletes only that.
