@@ -253,13 +253,13 @@ _attempt_finish_statement = functools.cache(
 def _finish(job_id: uuid.UUID, transition: str, guard: Any, values: dict, settings: Settings,
             attempt: Optional[tuple[Claim, AttemptRecord]] = None,
             result: Optional[bytes] = None) -> Optional[Finished]:
-    """The one way into a terminal status: in a single transaction, the guarded UPDATE, the
-    attempt's record, the ledger's capture or release, the notification row, and `result` (the
-    bytes, where the database is the store). `guard` None: the attempt's own claim.
+    """The one way into a terminal status, all or nothing: the guarded UPDATE, the attempt's
+    record, the ledger's capture or release, the notification row, and `result` (the bytes,
+    where the database is the store). `guard` None: the attempt's own claim.
 
-    An attempt's finish whose notification (if any) its statement writes is that statement
-    alone, atomic by itself: it runs outside a transaction, one round trip where BEGIN and
-    COMMIT made three."""
+    An attempt's finish whose statement writes its notification, or that has none to write,
+    is that one statement, atomic by itself: it runs outside a transaction, one round trip
+    where BEGIN and COMMIT around it made three. Any other finish is a transaction."""
     status = TRANSITIONS[transition].target
     timed = attempt and _timed(attempt[1])
     event = notify.event_for(status, values.get("outcome"), settings)
