@@ -27,7 +27,9 @@ class StorageUnavailable(Exception):
 
 
 class Storage(Protocol):
-    transactional: bool  # put and delete join the caller's database transaction
+    # The store is the database: the statements that make and finish jobs write the bytes
+    # themselves, and put and delete join the caller's transaction.
+    transactional: bool
 
     def put(self, key: str, data: bytes) -> None: ...
 
@@ -37,10 +39,8 @@ class Storage(Protocol):
     def delete(self, keys: Iterable[str]) -> None: ...
 
 
-# Every upload and result is put, so the upsert is text, run on the session's connection:
-# SQLAlchemy compiles it once (its PostgreSQL INSERT ... ON CONFLICT construct stays out of
-# the statement cache and was compiled again on every put), and the ORM's bulk-insert path is
-# not in the way.
+# Text: SQLAlchemy's PostgreSQL INSERT ... ON CONFLICT construct stays out of its statement
+# cache and would be compiled again on every put.
 _UPSERT_BLOB = text("INSERT INTO blobs (key, data) VALUES (:key, :data) "
                     "ON CONFLICT (key) DO UPDATE SET data = excluded.data").bindparams(
     bindparam("data", type_=LargeBinary))
