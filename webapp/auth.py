@@ -50,13 +50,17 @@ def _authenticate(autocommit: bool = False) -> Any:
     return user
 
 
-def login_required(view: F) -> F:
+def _signed_in(view: F, authenticate: Callable[[], Any]) -> F:
     @functools.wraps(view)
     def wrapper(*args: object, **kwargs: object) -> object:
-        g.user = _authenticate()
+        g.user = authenticate()
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def login_required(view: F) -> F:
+    return _signed_in(view, _authenticate)
 
 
 _AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
@@ -68,23 +72,18 @@ def submission_login_required(view: F) -> F:
     alone too: its connection is taken in autocommit, and the token's lookup and the submission
     are the request's two round trips, where a transaction made four (BEGIN before, COMMIT
     after). With a key, the replay check and the new job share a transaction."""
-    @functools.wraps(view)
-    def wrapper(*args: object, **kwargs: object) -> object:
-        g.user = _authenticate(autocommit="Idempotency-Key" not in request.headers)
-        return view(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
+    return _signed_in(view, lambda: _authenticate(autocommit="Idempotency-Key" not in request.headers))
 
 
 def admin_required(view: F) -> F:
-    @functools.wraps(view)
-    def wrapper(*args: object, **kwargs: object) -> object:
-        g.user = _authenticate()
-        if not g.user.is_admin:
-            raise Forbidden("FORBIDDEN", "This endpoint is for administrators.")
-        return view(*args, **kwargs)
+    return _signed_in(view, _administrator)
 
-    return wrapper  # type: ignore[return-value]
+
+def _administrator() -> Any:
+    user = _authenticate()
+    if not user.is_admin:
+        raise Forbidden("FORBIDDEN", "This endpoint is for administrators.")
+    return user
 
 
 def ensure_owner_or_admin(owner_id: int) -> None:
